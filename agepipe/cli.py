@@ -1,0 +1,116 @@
+"""`agepipe <stage>`: the command line. It parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agepipe import config
+from agepipe.storage import StorageError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable:
+        COMMANDS[name] = (add_arguments, run)
+        return run
+
+    return register
+
+
+def add_crop_settings(parser: argparse.ArgumentParser) -> None:
+    """Detector and crop options shared by crop, score and serve."""
+    from agepipe.faces import DETECTORS
+
+    group = parser.add_argument_group("face detection and cropping")
+    group.add_argument("--detector", choices=sorted(DETECTORS), help="face detector")
+    group.add_argument("--detector-weights", help="detector weights: a path or URI")
+    group.add_argument("--min-score", type=float, help="detector confidence threshold")
+    group.add_argument(
+        "--all-faces", action="store_true", default=None, help="every face, not only the largest"
+    )
+    group.add_argument("--margin", type=float, help="margin around the face box, fraction of its size")
+    group.add_argument("--size", type=int, help="crop side in pixels")
+
+
+def crop_overrides(args: argparse.Namespace, prefix: str = "crop.") -> dict:
+    names = ("detector", "detector_weights", "min_score", "all_faces", "margin", "size")
+    return {prefix + name: getattr(args, name) for name in names}
+
+
+def add_crop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet dataset")
+    parser.add_argument("--labels", help="utkface, imdb, none (default), or a CSV/Parquet table URI")
+    parser.add_argument("--max-age", type=float, help="cap ages at this value (default 100)")
+    parser.add_argument("--encoding", choices=["jpeg", "png"], help="crop encoding (default jpeg q95)")
+    parser.add_argument("--batch-size", type=int, help="images per batch")
+    parser.add_argument("--concurrency", type=int, help="detector actors (default: one per CPU)")
+    add_crop_settings(parser)
+
+
+@command("crop", add_crop_arguments)
+def run_crop_command(args: argparse.Namespace) -> int:
+    from agepipe.crop import run_crop
+
+    settings = config.load(
+        config.CropJobSettings,
+        args.config,
+        input=args.input,
+        output=args.output,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        **{"labels.kind": args.labels, "labels.max_age": args.max_age, "crop.encoding": args.encoding},
+        **crop_overrides(args),
+    )
+    summary = run_crop(settings)
+    print(summary.render("crop"))
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="out/demo", help="folder for the demo's photos and results")
+
+
+@command("demo", add_demo_arguments)
+def run_demo_command(args: argparse.Namespace) -> int:
+    from agepipe.crop import run_crop
+    from agepipe.samples import write_sample_photos
+
+    photos = write_sample_photos(Path(args.output) / "photos")
+    settings = config.load(
+        config.CropJobSettings, args.config, input=str(photos), output=f"{args.output}/faces"
+    )
+    summary = run_crop(settings)
+    print(summary.render("crop"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agepipe", description="Facial age estimation at scale on Ray.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, _) in COMMANDS.items():
+        sub = subparsers.add_parser(name)
+        sub.add_argument("--config", help="YAML file of settings (flags override it)")
+        add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, run = COMMANDS[args.command]
+    try:
+        return run(args)
+    except (ValueError, StorageError, FileNotFoundError) as exc:
+        print(f"agepipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

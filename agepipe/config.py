@@ -1,0 +1,136 @@
+"""Typed settings with their defaults: the one place where defaults live.
+
+Every stage takes one of these dataclasses. Values come from the defaults here,
+then an optional YAML file, then command-line flags (`apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_AGE_BINS = (0, 13, 26, 43, 61)
+DEFAULT_AGE_GROUPS = ("Child", "Youth", "Adult", "Middle Age", "Senior")
+
+
+def shared_data_dir() -> Path:
+    """The shared test/benchmark data folder; AGEPIPE_SHARED overrides `../shared`."""
+    return Path(os.environ.get("AGEPIPE_SHARED", PROJECT_ROOT.parent / "shared"))
+
+
+@dataclass
+class AgeGroups:
+    """Age-group bins: `lower_bounds[i]` is the first age of `names[i]`."""
+
+    lower_bounds: tuple[int, ...] = DEFAULT_AGE_BINS
+    names: tuple[str, ...] = DEFAULT_AGE_GROUPS
+
+    def __post_init__(self) -> None:
+        self.lower_bounds = tuple(int(b) for b in self.lower_bounds)
+        self.names = tuple(str(n) for n in self.names)
+        if len(self.lower_bounds) != len(self.names):
+            raise ValueError("age groups need one name per lower bound")
+        if list(self.lower_bounds) != sorted(set(self.lower_bounds)) or self.lower_bounds[0] != 0:
+            raise ValueError("age-group lower bounds must start at 0 and increase")
+
+
+@dataclass
+class LabelSettings:
+    """How labels are found: `kind` is utkface, imdb, none, or a CSV/Parquet table URI."""
+
+    kind: str = "none"
+    max_age: float = 100.0
+    groups: AgeGroups = field(default_factory=AgeGroups)
+
+
+@dataclass
+class CropSettings:
+    """Face detection and cropping; recorded in checkpoints so scoring crops like training."""
+
+    detector: str = "dlib"
+    detector_weights: str | None = None
+    min_score: float = 0.6
+    all_faces: bool = False
+    margin: float = 0.15
+    size: int = 224
+    encoding: str = "jpeg"
+    jpeg_quality: int = 95
+    max_pixels: int = 40_000_000
+
+
+@dataclass
+class CropJobSettings:
+    """The crop job: input, output and how Ray runs it."""
+
+    input: str = ""
+    output: str = ""
+    crop: CropSettings = field(default_factory=CropSettings)
+    labels: LabelSettings = field(default_factory=LabelSettings)
+    batch_size: int = 32
+    concurrency: int | None = None
+    rows_per_file: int = 5000
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build a settings dataclass from a (possibly nested) dict; unknown keys are an error."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown settings for {cls.__name__}: {sorted(unknown)}")
+    hints = {name: f.default_factory for name, f in known.items() if callable(f.default_factory)}
+    kwargs = {}
+    for name, value in values.items():
+        factory = hints.get(name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(factory):
+            kwargs[name] = from_dict(factory, value)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    """Plain dict of a settings dataclass (tuples become lists, for YAML and JSON)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(settings))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
+    """Defaults, then a YAML file, then explicit overrides (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        with open(yaml_path) as f:
+            values = yaml.safe_load(f) or {}
+    settings = from_dict(cls, values)
+    return apply_overrides(settings, overrides)
+
+
+def apply_overrides(settings: T, overrides: dict[str, Any]) -> T:
+    """Set dotted keys (`crop.margin`) on a settings dataclass, skipping None values."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        target: Any = settings
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        if not hasattr(target, leaf):
+            raise ValueError(f"unknown setting {dotted!r}")
+        setattr(target, leaf, value)
+    return settings
