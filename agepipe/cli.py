@@ -72,6 +72,62 @@ def run_crop_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="the crop job's Parquet dataset (path or s3://)")
+    parser.add_argument("--output", required=True, help="run folder (path or s3://): checkpoints, metrics")
+    parser.add_argument("--backbone", help="timm model name (default efficientnet_lite0)")
+    parser.add_argument("--pretrained", help="default, hub, none, or a weights path/URI")
+    parser.add_argument("--age-head", choices=["distribution", "regression"])
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--phase1-epochs", type=int)
+    parser.add_argument("--phase2-epochs", type=int)
+    parser.add_argument("--phase1-lr", type=float)
+    parser.add_argument("--phase2-lr", type=float)
+    parser.add_argument("--unfreeze-stages", type=int, help="backbone stages trained in phase 2")
+    parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
+    parser.add_argument("--use-gpu", action="store_true", default=None)
+    parser.add_argument("--seed", type=int)
+
+
+TRAIN_FLAGS = (
+    "data",
+    "output",
+    "backbone",
+    "age_head",
+    "image_size",
+    "batch_size",
+    "phase1_epochs",
+    "phase2_epochs",
+    "phase1_lr",
+    "phase2_lr",
+    "unfreeze_stages",
+    "patience",
+    "limit",
+    "num_workers",
+    "use_gpu",
+    "seed",
+)
+
+
+def train_settings(args: argparse.Namespace) -> config.TrainSettings:
+    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if hasattr(args, name)}
+    if args.pretrained is not None:
+        overrides["pretrained"] = None if args.pretrained == "none" else args.pretrained
+    return config.load(config.TrainSettings, args.config, **overrides)
+
+
+@command("train", add_train_arguments)
+def run_train_command(args: argparse.Namespace) -> int:
+    from agepipe.train import run_training
+
+    result = run_training(train_settings(args))
+    print(f"train: {result}")
+    return 0
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="out/demo", help="folder for the demo's photos and results")
 

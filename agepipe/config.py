@@ -134,3 +134,43 @@ def apply_overrides(settings: T, overrides: dict[str, Any]) -> T:
             raise ValueError(f"unknown setting {dotted!r}")
         setattr(target, leaf, value)
     return settings
+
+
+@dataclass
+class TrainSettings:
+    """Two-phase training on Ray Train: phase 1 trains the heads, phase 2 the top of the backbone."""
+
+    data: str = ""
+    output: str = ""
+    backbone: str = "efficientnet_lite0"
+    pretrained: str | None = "default"
+    age_head: str = "distribution"
+    dense_units: int = 512
+    dropout: float = 0.3
+    image_size: int = 128
+    batch_size: int = 64
+    phase1_epochs: int = 2
+    phase2_epochs: int = 8
+    phase1_lr: float = 3e-3
+    phase2_lr: float = 5e-4
+    weight_decay: float = 1e-4
+    unfreeze_stages: int = 6
+    patience: int = 3
+    lr_factor: float = 0.3
+    lr_patience: int = 1
+    age_loss_weight: float = 1.0
+    group_loss_weight: float = 0.5
+    gender_loss_weight: float = 0.5
+    label_sigma: float = 2.0
+    max_per_age: int = 2000
+    min_per_age: int = 10
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42
+    limit: int | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    max_failures: int = 2
+    flip_tta: bool = True
+    labels: LabelSettings = field(default_factory=LabelSettings)

