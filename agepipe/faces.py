@@ -45,6 +45,12 @@ class Detector(Protocol):
 
 DETECTORS: dict[str, Callable[..., Detector]] = {}
 
+# Where users without a local copy get a detector's weights.
+DETECTOR_WEIGHT_URLS = {
+    "yunet": "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
+    "face_detection_yunet_2023mar.onnx",
+}
+
 
 def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
     def add(factory: Callable[..., Detector]) -> Callable[..., Detector]:
@@ -266,7 +272,7 @@ def crop_images(
         if image is None:
             results.append([_empty_row(detector.name, error)])
             continue
-        faces = found.__next__()
+        faces = next(found)
         chosen = select_faces(faces, settings)
         if not chosen:
             row = _empty_row(detector.name, "no_face")

@@ -1,0 +1,142 @@
+"""The one Predictor: crop + model + post-processing, shared by batch scoring and serving.
+
+It loads a checkpoint (the committed default model when none is given) with
+`weights_only=True`, crops faces with the crop job's function and the crop
+settings recorded in the checkpoint (overridable), runs the model in batches
+on the GPU when there is one, optionally averages with the horizontally
+flipped face, and returns age, its uncertainty, age group and gender.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agepipe import storage
+from agepipe.config import CropSettings, apply_overrides, shared_data_dir
+from agepipe.faces import DETECTOR_WEIGHT_URLS, Detector, create_detector, crop_images
+from agepipe.labels import GENDERS
+from agepipe.model import AgeModel, load_checkpoint
+from agepipe.train import image_transform
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
+
+
+def resolve_detector_weights(crop: CropSettings) -> CropSettings:
+    """Make recorded detector weights usable here: the recorded path when it exists, else the
+    shared copy (tests and benchmarks), else the detector's public download URL."""
+    weights = crop.detector_weights
+    if not weights or crop.detector not in DETECTOR_WEIGHT_URLS:
+        return crop
+    if storage.is_remote(weights) or Path(weights).is_file():
+        return crop
+    name = Path(weights).name
+    for candidate in (shared_data_dir() / "models" / name, Path.home() / ".cache" / "agepipe" / name):
+        if candidate.is_file():
+            crop.detector_weights = str(candidate)
+            return crop
+    crop.detector_weights = DETECTOR_WEIGHT_URLS[crop.detector]
+    logger.info("detector weights %s not found here; using %s", weights, crop.detector_weights)
+    return crop
+
+
+class Predictor:
+    """Faces and their age, age group and gender, from images or already-cropped faces."""
+
+    def __init__(
+        self,
+        model_uri: str | None = None,
+        crop_overrides: dict[str, Any] | None = None,
+        device: str | None = None,
+        flip_tta: bool = True,
+        batch_size: int = 64,
+        detector: Detector | None = None,
+    ) -> None:
+        self.model_uri = model_uri or str(DEFAULT_MODEL)
+        model, crop, checkpoint = load_checkpoint(self.model_uri)
+        self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model: AgeModel = model.to(self.device).to(memory_format=torch.channels_last)
+        self.flip_tta = flip_tta
+        self.batch_size = batch_size
+        self.checkpoint_info = {k: checkpoint.get(k) for k in ("val_mae", "epoch")}
+        self.transform = image_transform(model.config.image_size, train=False)
+        self._detector = detector
+
+    @property
+    def detector(self) -> Detector:
+        """Created on first use, so a Predictor for pre-cropped faces needs no detector weights."""
+        if self._detector is None:
+            self._detector = create_detector(
+                self.crop.detector, self.crop.detector_weights, self.crop.min_score
+            )
+        return self._detector
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return self.model.config.groups.names
+
+    def _batch_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        tensors = [self.transform(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)) for c in crops]
+        return torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model outputs as probabilities for a normalized batch, averaged with the flip when enabled."""
+        outputs = self.model(images)
+        probabilities = {name: value.softmax(-1) for name, value in outputs.items() if name != "age"}
+        age_output = outputs["age"]
+        if self.flip_tta:
+            flipped = self.model(images.flip(-1))
+            for name in probabilities:
+                probabilities[name] = (probabilities[name] + flipped[name].softmax(-1)) / 2
+            if self.model.config.age_head == "distribution":
+                mixed = (age_output.softmax(-1) + flipped["age"].softmax(-1)) / 2
+                age_output = mixed.log()
+            else:
+                age_output = (age_output + flipped["age"]) / 2
+        age, age_std = self.model.age_estimate(age_output)
+        result = {"age": age, **probabilities}
+        if age_std is not None:
+            result["age_std"] = age_std
+        return result
+
+    def predict_crops(self, crops: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Predictions for RGB uint8 face crops (any size; resized to the model's input)."""
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(crops), self.batch_size):
+            outputs = self.predict_tensor(self._batch_tensor(crops[start : start + self.batch_size]))
+            outputs = {k: v.float().cpu().numpy() for k, v in outputs.items()}
+            for i in range(len(outputs["age"])):
+                group_probs = outputs["group"][i]
+                gender_probs = outputs["gender"][i]
+                gender_index = int(gender_probs.argmax())
+                results.append(
+                    {
+                        "age": float(outputs["age"][i]),
+                        "age_std": float(outputs["age_std"][i]) if "age_std" in outputs else None,
+                        "age_group": self.group_names[int(group_probs.argmax())],
+                        "age_group_probs": {
+                            n: float(p) for n, p in zip(self.group_names, group_probs, strict=True)
+                        },
+                        "gender": GENDERS[gender_index],
+                        "gender_prob": float(gender_probs[gender_index]),
+                    }
+                )
+        return results
+
+    def predict_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
+        """Per image, one row per face: the crop function's row (box, score, error) plus predictions."""
+        rows_per_image = crop_images(payloads, self.detector, self.crop)
+        faces = [row for rows in rows_per_image for row in rows if row["crop"] is not None]
+        predictions = iter(self.predict_crops([row["crop"] for row in faces]))
+        for row in faces:
+            row.update(next(predictions))
+        return rows_per_image

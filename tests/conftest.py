@@ -1,0 +1,45 @@
+"""Shared fixtures: the shared data folder (tests skip with a reason where it is absent) and models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agepipe.config import shared_data_dir
+from agepipe.predict import DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def utkface_dir() -> Path:
+    path = shared_data_dir() / "data" / "utkface"
+    if not path.is_dir():
+        pytest.skip(f"UTKFace images not found at {path} (set AGEPIPE_SHARED to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def yunet_weights() -> str:
+    path = shared_data_dir() / "models" / "face_detection_yunet.onnx"
+    if not path.is_file():
+        pytest.skip(f"YuNet weights not found at {path} (set AGEPIPE_SHARED to the shared folder)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The committed default model; AGEPIPE_TEST_MODEL points tests at another checkpoint."""
+    path = Path(os.environ.get("AGEPIPE_TEST_MODEL", DEFAULT_MODEL))
+    assert path.is_file(), f"no model checkpoint at {path}"
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the test session."""
+    import ray
+
+    ray.init(num_cpus=2, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
