@@ -72,6 +72,39 @@ def run_crop_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions Parquet")
+    parser.add_argument("--model", help="checkpoint path or URI (default: the bundled default model)")
+    parser.add_argument("--labels", help="add label_* columns: utkface, imdb, or a CSV/Parquet table URI")
+    parser.add_argument("--batch-size", type=int, help="images per batch")
+    parser.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU)")
+    parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    add_crop_settings(parser)
+
+
+@command("score", add_score_arguments)
+def run_score_command(args: argparse.Namespace) -> int:
+    from agepipe.score import run_score
+
+    settings = config.load(
+        config.ScoreSettings,
+        args.config,
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        flip_tta=args.flip_tta,
+        crop_overrides={k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None}
+        or None,
+        **{"labels.kind": args.labels},
+    )
+    summary = run_score(settings)
+    print(summary.render("score"))
+    return 0
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the crop job's Parquet dataset (path or s3://)")
     parser.add_argument("--output", required=True, help="run folder (path or s3://): checkpoints, metrics")
@@ -125,6 +158,45 @@ def run_train_command(args: argparse.Namespace) -> int:
 
     result = run_training(train_settings(args))
     print(f"train: {result}")
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--predictions", required=True, help="the scoring job's Parquet dataset (or s3://)")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for report, plots, metrics")
+    parser.add_argument(
+        "--labels",
+        help="labels from paths: utkface, imdb, or a CSV/Parquet table URI (default: the label_* columns)",
+    )
+    parser.add_argument("--max-age", type=float, help="cap label ages at this value (default 100)")
+    parser.add_argument("--run", help="training run folder: adds its training curves (metrics.csv)")
+    parser.add_argument("--model", help="checkpoint that scored the predictions, for Grad-CAM (default one)")
+    parser.add_argument("--gradcam-faces", type=int, help="faces in the Grad-CAM grid (0: none; default 8)")
+    parser.add_argument("--seed", type=int, help="seed for the Grad-CAM and scatter samples")
+    add_crop_settings(parser)
+
+
+@command("evaluate", add_evaluate_arguments)
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    from agepipe.evaluate import run_evaluate
+
+    overrides = {k: v for k, v in crop_overrides(args, prefix="").items() if v is not None}
+    settings = config.load(
+        config.EvaluateSettings,
+        args.config,
+        predictions=args.predictions,
+        output=args.output,
+        run=args.run,
+        model=args.model,
+        gradcam_faces=args.gradcam_faces,
+        seed=args.seed,
+        crop_overrides=overrides or None,
+        **{"labels.kind": args.labels, "labels.max_age": args.max_age},
+    )
+    result = run_evaluate(settings)
+    metrics = result["metrics"]
+    mae = f", MAE {metrics['age']['mae']:.2f} years" if metrics and metrics["age"]["mae"] is not None else ""
+    print(f"evaluate: {result['coverage']['faces']} faces{mae}; report at {result['report']}")
     return 0
 
 

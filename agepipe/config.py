@@ -137,6 +137,22 @@ def apply_overrides(settings: T, overrides: dict[str, Any]) -> T:
 
 
 @dataclass
+class ScoreSettings:
+    """Batch scoring: images in, one prediction row per face out."""
+
+    input: str = ""
+    output: str = ""
+    model: str | None = None
+    crop_overrides: dict[str, Any] = field(default_factory=dict)
+    labels: LabelSettings = field(default_factory=LabelSettings)
+    batch_size: int = 64
+    concurrency: int | None = None
+    gpu_fraction: float = 0.25
+    flip_tta: bool = True
+    rows_per_file: int = 5000
+
+
+@dataclass
 class TrainSettings:
     """Two-phase training on Ray Train: phase 1 trains the heads, phase 2 the top of the backbone."""
 
@@ -174,3 +190,40 @@ class TrainSettings:
     max_failures: int = 2
     flip_tta: bool = True
     labels: LabelSettings = field(default_factory=LabelSettings)
+
+
+@dataclass
+class EvaluateSettings:
+    """The evaluation report: a predictions dataset (and its labels) in; plots, metrics.json and
+    report.html out. `model` and `crop_overrides` should match the scoring run: Grad-CAM re-crops
+    sampled faces from their source images with them."""
+
+    predictions: str = ""
+    output: str = ""
+    labels: LabelSettings = field(default_factory=LabelSettings)
+    run: str | None = None
+    model: str | None = None
+    crop_overrides: dict[str, Any] = field(default_factory=dict)
+    gradcam_faces: int = 8
+    max_scatter_points: int = 20_000
+    seed: int = 0
+
+
+@dataclass
+class ServeSettings:
+    """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None
+    crop_overrides: dict[str, Any] = field(default_factory=lambda: {"all_faces": True})
+    flip_tta: bool = True
+    max_body_bytes: int = 10 * 1024 * 1024
+    batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1.0
+    gpu_fraction: float = 0.25

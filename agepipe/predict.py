@@ -132,9 +132,13 @@ class Predictor:
                 )
         return results
 
+    def crop_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
+        """Per image, the crop function's rows (box, score, crop, error) with this model's crop settings."""
+        return crop_images(payloads, self.detector, self.crop)
+
     def predict_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
         """Per image, one row per face: the crop function's row (box, score, error) plus predictions."""
-        rows_per_image = crop_images(payloads, self.detector, self.crop)
+        rows_per_image = self.crop_images(payloads)
         faces = [row for rows in rows_per_image for row in rows if row["crop"] is not None]
         predictions = iter(self.predict_crops([row["crop"] for row in faces]))
         for row in faces:

@@ -1,0 +1,215 @@
+"""Ray Data batch scoring: image files -> one prediction row per face in a Parquet dataset.
+
+Streams from a folder or `s3://` prefix through actor pools: on CPU-only
+clusters one pool reads, crops (the crop job's function) and runs the model;
+when the cluster has GPUs, cropping stays on CPU actors and the model runs on
+actors holding a fraction of a GPU. Every input image gets a row (scored,
+`no_face`, or an error), and re-running into the same output resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from agepipe import labels as labels_lib
+from agepipe.config import LabelSettings, ScoreSettings
+from agepipe.crop import (
+    FACE_FIELDS,
+    JobSummary,
+    plan_inputs,
+    read_payloads,
+    rows_to_table,
+    summarize_output,
+    worker_count,
+)
+from agepipe.predict import Predictor
+
+PREDICTION_FIELDS = [
+    pa.field("age", pa.float32()),
+    pa.field("age_std", pa.float32()),
+    pa.field("age_group", pa.string()),
+    pa.field("age_group_prob", pa.float32()),
+    pa.field("gender", pa.string()),
+    pa.field("gender_prob", pa.float32()),
+]
+LABEL_FIELDS = [
+    pa.field("label_age", pa.float32()),
+    pa.field("label_gender", pa.string()),
+    pa.field("label_race", pa.string()),
+    pa.field("label_age_group", pa.string()),
+]
+SCORE_SCHEMA = pa.schema(FACE_FIELDS + PREDICTION_FIELDS)
+CROP_STAGE_SCHEMA = pa.schema(
+    FACE_FIELDS + [pa.field("crop", pa.binary()), pa.field("crop_shape", pa.list_(pa.int32()))]
+)
+
+
+def output_schema(with_labels: bool) -> pa.Schema:
+    return pa.schema(list(SCORE_SCHEMA) + (LABEL_FIELDS if with_labels else []))
+
+
+def prediction_columns(prediction: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a Predictor result into the output's prediction columns."""
+    return {
+        "age": prediction["age"],
+        "age_std": prediction["age_std"],
+        "age_group": prediction["age_group"],
+        "age_group_prob": prediction["age_group_probs"][prediction["age_group"]],
+        "gender": prediction["gender"],
+        "gender_prob": prediction["gender_prob"],
+    }
+
+
+def label_columns(path: str, label_fn: Any, settings: LabelSettings) -> dict[str, Any]:
+    labels = labels_lib.finalize(label_fn(path), settings)
+    return {f"label_{k}": labels[k] for k in ("age", "gender", "race", "age_group")}
+
+
+def crop_stage_rows(paths: list[str], predictor: Predictor) -> list[dict[str, Any]]:
+    """Rows per face for a batch of image URIs, with the crop attached (not yet scored)."""
+    payloads = read_payloads(paths)
+    readable = [i for i, payload in enumerate(payloads) if payload is not None]
+    cropped = dict(zip(readable, predictor.crop_images([payloads[i] for i in readable]), strict=True))
+    rows = []
+    for index, path in enumerate(paths):
+        for face in cropped.get(index) or [_unreadable(predictor)]:
+            rows.append({"path": path, **face})
+    return rows
+
+
+def _unreadable(predictor: Predictor) -> dict[str, Any]:
+    row: dict[str, Any] = {f.name: None for f in FACE_FIELDS if f.name != "path"}
+    row.update(num_faces=0, detector=predictor.crop.detector, error="unreadable", crop=None)
+    return row
+
+
+def score_rows(rows: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, Any]]:
+    """Add predictions to the rows that have a face crop."""
+    faces = [row for row in rows if row.get("crop") is not None]
+    for row, prediction in zip(faces, predictor.predict_crops([r["crop"] for r in faces]), strict=True):
+        row.update(prediction_columns(prediction))
+    return rows
+
+
+class _LabelledOutput:
+    """Turns scored rows into the output table, with label columns when labels are asked for."""
+
+    def __init__(self, label_settings: LabelSettings, input_root: str) -> None:
+        self.label_settings = label_settings
+        self.with_labels = label_settings.kind != "none"
+        self.label_fn = labels_lib.label_source(label_settings, input_root) if self.with_labels else None
+        self.schema = output_schema(self.with_labels)
+
+    def table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        if self.with_labels:
+            for row in rows:
+                row.update(label_columns(row["path"], self.label_fn, self.label_settings))
+        return rows_to_table(rows, self.schema)
+
+
+class ScoreWorker(_LabelledOutput):
+    """CPU clusters: one actor reads, crops and scores (no crops cross the object store)."""
+
+    def __init__(self, settings: ScoreSettings, threads: int) -> None:
+        import torch
+
+        super().__init__(settings.labels, settings.input)
+        torch.set_num_threads(threads)
+        self.predictor = build_predictor(settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
+        return self.table(score_rows(rows, self.predictor))
+
+
+class CropStageWorker:
+    """GPU clusters, stage 1 on CPU actors: read, detect and crop; crops travel as raw bytes."""
+
+    def __init__(self, settings: ScoreSettings) -> None:
+        self.predictor = build_predictor(settings, device="cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
+        for row in rows:
+            crop = row.pop("crop")
+            row["crop"] = None if crop is None else crop.tobytes()
+            row["crop_shape"] = None if crop is None else list(crop.shape)
+        return rows_to_table(rows, CROP_STAGE_SCHEMA)
+
+
+class ModelStageWorker(_LabelledOutput):
+    """GPU clusters, stage 2 on actors holding a GPU fraction: score the crops."""
+
+    def __init__(self, settings: ScoreSettings) -> None:
+        super().__init__(settings.labels, settings.input)
+        self.predictor = build_predictor(settings)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            data, shape = row.pop("crop"), row.pop("crop_shape")
+            row["crop"] = None if data is None else np.frombuffer(data, np.uint8).reshape(shape)
+        return self.table(score_rows(rows, self.predictor))
+
+
+def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predictor:
+    overrides = {k: v for k, v in settings.crop_overrides.items() if v is not None}
+    return Predictor(
+        settings.model, overrides, device=device, flip_tta=settings.flip_tta, batch_size=settings.batch_size
+    )
+
+
+def run_score(settings: ScoreSettings) -> JobSummary:
+    """Score every image under `settings.input` into the Parquet dataset at `settings.output`."""
+    import ray
+
+    from agepipe import storage
+
+    if not settings.input or not settings.output:
+        raise ValueError("score needs --input and --output")
+    _ = build_predictor(settings).detector  # fail fast on a bad model or detector before any work
+    if settings.labels.kind != "none":
+        labels_lib.label_source(settings.labels, settings.input)
+    todo, summary = plan_inputs(settings.input, settings.output)
+    started = time.perf_counter()
+    if todo:
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
+        dataset = ray.data.from_items([{"path": p} for p in todo])
+        if gpus and settings.gpu_fraction > 0:
+            dataset = dataset.map_batches(
+                CropStageWorker,
+                fn_constructor_kwargs={"settings": settings},
+                batch_size=settings.batch_size,
+                concurrency=worker_count(settings.concurrency),
+                num_cpus=1,
+                batch_format="numpy",
+            ).map_batches(
+                ModelStageWorker,
+                fn_constructor_kwargs={"settings": settings},
+                batch_size=settings.batch_size,
+                concurrency=max(1, int(gpus / settings.gpu_fraction)),
+                num_gpus=settings.gpu_fraction,
+                batch_format="pyarrow",
+            )
+        else:
+            actors = worker_count(settings.concurrency)
+            dataset = dataset.map_batches(
+                ScoreWorker,
+                fn_constructor_kwargs={"settings": settings, "threads": max(1, cpus // actors)},
+                batch_size=settings.batch_size,
+                concurrency=actors,
+                num_cpus=1,
+                batch_format="numpy",
+            )
+        fs, out_path = storage.resolve(settings.output)
+        dataset.write_parquet(
+            out_path, filesystem=fs, min_rows_per_file=settings.rows_per_file, ray_remote_args={"num_cpus": 0}
+        )
+    summary.seconds = time.perf_counter() - started
+    return summarize_output(settings.output, set(todo), summary)

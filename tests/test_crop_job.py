@@ -1,0 +1,217 @@
+"""The crop job on local Ray: real files, real Parquet, a real S3 API server."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from agepipe.config import CropJobSettings, CropSettings, LabelSettings
+from agepipe.crop import run_crop
+
+CONTRACT_COLUMNS = {"path", "face_index", "x1", "y1", "x2", "y2", "image", "age", "gender", "error"}
+
+
+def agepipe_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def utk_sample(utkface_dir, tmp_path_factory) -> Path:
+    """300 UTKFace images, including a real name without the race field."""
+    folder = tmp_path_factory.mktemp("utk")
+    names = sorted(os.listdir(utkface_dir))[::71][:299] + ["39_1_20170116174525125.jpg.chip.jpg"]
+    for name in names:
+        shutil.copy(utkface_dir / name, folder / name)
+    return folder
+
+
+def test_crop_utkface_on_local_ray(ray_local, utk_sample, yunet_weights, tmp_path) -> None:
+    output = tmp_path / "faces"
+    settings = CropJobSettings(
+        input=str(utk_sample),
+        output=str(output),
+        crop=CropSettings(detector="yunet", detector_weights=yunet_weights, size=128),
+        labels=LabelSettings(kind="utkface"),
+    )
+    summary = run_crop(settings)
+    frame = pq.read_table(output).to_pandas()
+    assert set(frame.columns) >= CONTRACT_COLUMNS
+    assert set(frame["path"]) == {str(p) for p in utk_sample.iterdir()}
+    assert summary.images_processed == 300 and summary.faces_written >= 285
+    faces = frame[frame["error"].isna()]
+    first = np.asarray(Image.open(io.BytesIO(faces["image"].iloc[0])))
+    assert first.dtype == np.uint8 and first.shape == (128, 128, 3)
+    brightness = [np.asarray(Image.open(io.BytesIO(b))).mean() for b in faces["image"].head(50)]
+    assert min(brightness) > 25, "saved crops are near-black"
+    no_race = frame[frame["path"].str.endswith("39_1_20170116174525125.jpg.chip.jpg")].iloc[0]
+    assert no_race["age"] == 39 and no_race["gender"] == "female" and pd.isna(no_race["race"])
+    assert set(faces["age_group"].dropna()) <= {"Child", "Youth", "Adult", "Middle Age", "Senior"}
+
+    # Re-running resumes: images already done are skipped, nothing is duplicated.
+    (utk_sample / "extra").mkdir()
+    shutil.copy(next(utk_sample.glob("*.jpg")), utk_sample / "extra" / "copy.JPG")
+    again = run_crop(settings)
+    assert again.images_skipped_done == 300 and again.images_processed == 1
+    frame = pq.read_table(output).to_pandas()
+    assert not frame.duplicated(["path", "face_index"]).any()
+    assert len(set(frame["path"])) == 301
+
+    # Crop settings are recorded; adding with other settings is refused.
+    settings.crop.margin = 0.4
+    with pytest.raises(ValueError, match="other settings"):
+        run_crop(settings)
+
+
+def _bad_input_folder(root: Path) -> set[str]:
+    """Every kind of bad input beside good images; returns the image files' paths."""
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut())
+    photo.save(root / "good.jpg")
+    photo.save(root / "UPPER.JPEG")
+    photo.convert("CMYK").save(root / "cmyk.jpg")
+    photo.convert("RGBA").save(root / "rgba.png")
+    photo.convert("L").save(root / "gray.webp")
+    photo.save(root / "bitmap.bmp")
+    Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257).save(root / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways; upright (and so detectable) only once EXIF is applied
+    photo.rotate(90).save(root / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(data.coffee()).save(root / "no_face.jpg")
+    (root / "empty.jpg").write_bytes(b"")
+    full = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    (root / "text.jpg").write_text("this is not an image")
+    Image.new("1", (12_000, 12_000)).save(root / "bomb.png")
+    (root / "notes.txt").write_text("stray file")
+    (root / "labels.csv").write_text("path,age\n")
+    (root / "folder.jpg").mkdir()
+    photo.save(root / "folder.jpg" / "inside.png")
+    return {
+        str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt" and p.suffix != ".csv"
+    }
+
+
+def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> None:
+    images_dir = tmp_path / "in"
+    images_dir.mkdir()
+    expected = _bad_input_folder(images_dir)
+    result = agepipe_cli("crop", "--input", str(images_dir), "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pq.read_table(tmp_path / "out").to_pandas()
+    assert set(frame["path"]) == expected
+    assert frame.groupby("path").size().max() == 1
+    errors = {
+        Path(p).name: e if isinstance(e, str) else None
+        for p, e in zip(frame["path"], frame["error"], strict=True)
+    }
+    assert errors["empty.jpg"] == "empty"
+    assert errors["truncated.jpg"] == "truncated"
+    assert errors["corrupt.png"] == "corrupt"
+    assert errors["text.jpg"] == "not_image"
+    assert errors["bomb.png"] == "too_large"
+    assert errors["no_face.jpg"] == "no_face"
+    for readable in (
+        "good.jpg",
+        "UPPER.JPEG",
+        "cmyk.jpg",
+        "rgba.png",
+        "gray.webp",
+        "bitmap.bmp",
+        "inside.png",
+    ):
+        assert errors[readable] is None, readable
+    assert errors["rotated.jpg"] is None
+    assert "2 non-image files skipped" in result.stdout
+    assert "errors: corrupt=1, empty=1, not_image=1, too_large=1, truncated=1" in result.stdout
+
+
+def test_job_that_cannot_run_exits_nonzero_with_a_message(tmp_path) -> None:
+    result = agepipe_cli("crop", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
+    assert result.returncode != 0 and "does not exist" in result.stderr
+    result = agepipe_cli(
+        "crop", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--detector", "yunet"
+    )
+    assert result.returncode != 0 and "detector-weights" in result.stderr
+
+
+@pytest.fixture()
+def s3_server():
+    """A real S3 API (moto in server mode) on 127.0.0.1, started and stopped by the test."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    yield env
+    server.stop()
+
+
+def test_s3_input_and_output(s3_server, utk_sample, yunet_weights) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket="photos")
+    names = sorted(p.name for p in utk_sample.glob("*.jpg"))[:20]
+    for name in names:
+        client.upload_file(str(utk_sample / name), "photos", f"raw/batch1/{name}")
+    client.put_object(Bucket="photos", Key="raw/README.md", Body=b"not an image")
+    result = agepipe_cli(
+        "crop",
+        "--input",
+        "s3://photos/raw/",
+        "--output",
+        "s3://photos/faces/",
+        "--labels",
+        "utkface",
+        "--detector",
+        "yunet",
+        "--detector-weights",
+        yunet_weights,
+        env=s3_server,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="photos", Prefix="faces/")["Contents"]]
+    parquet_keys = [k for k in keys if k.endswith(".parquet")]
+    assert parquet_keys
+    frames = [
+        pd.read_parquet(io.BytesIO(client.get_object(Bucket="photos", Key=k)["Body"].read()))
+        for k in parquet_keys
+    ]
+    frame = pd.concat(frames)
+    assert set(frame["path"]) == {f"s3://photos/raw/batch1/{n}" for n in names}
+    assert frame["error"].isna().sum() >= 19 and frame["age"].notna().all()
+    assert "1 non-image files skipped" in result.stdout

@@ -1,0 +1,91 @@
+"""Safe decoding: every kind of bad input is a short reason; every mode becomes RGB uint8."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agepipe.images import ImageError, decode, encode
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _photo(width: int = 64, height: int = 48) -> Image.Image:
+    gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3)
+    return Image.fromarray(gradient.astype(np.uint8), "RGB")
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = _photo(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    decoded = decode(_encode(image, "JPEG", exif=exif.tobytes()))
+    assert decoded.shape == (64, 48, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16", "1"])
+def test_every_mode_becomes_rgb_uint8(mode: str) -> None:
+    if mode == "I;16":
+        image = Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16))
+        fmt = "PNG"
+    else:
+        image = _photo().convert(mode)
+        fmt = "TIFF" if mode == "CMYK" else "PNG"
+    decoded = decode(_encode(image, fmt))
+    assert decoded.dtype == np.uint8
+    assert decoded.shape == (48, 64, 3)
+    assert decoded.max() > 100, "pixels lost their range"
+
+
+def test_sixteen_bit_scales_down_rather_than_clipping() -> None:
+    image = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert decode(_encode(image, "PNG")).min() == 255
+
+
+def test_transparent_pixels_become_white() -> None:
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert decode(_encode(rgba, "PNG")).min() == 255
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty"),
+        (b"just some text, not an image at all", "not_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, "corrupt"),
+    ],
+)
+def test_bad_bytes_have_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(ImageError) as error:
+        decode(payload)
+    assert error.value.reason == reason
+
+
+def test_truncated_jpeg_is_reported() -> None:
+    data = _encode(_photo(256, 256), "JPEG", quality=95)
+    with pytest.raises(ImageError) as error:
+        decode(data[: len(data) // 2])
+    assert error.value.reason == "truncated"
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = _encode(Image.new("1", (12_000, 12_000)), "PNG")
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageError) as error:
+        decode(bomb, max_pixels=40_000_000)
+    assert error.value.reason == "too_large"
+
+
+def test_encode_keeps_uint8_pixels_and_refuses_floats() -> None:
+    face = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    assert np.array_equal(decode(encode(face, "png")), face)
+    assert np.abs(decode(encode(face, "jpeg")).astype(int) - face).mean() < 12
+    with pytest.raises(TypeError):
+        encode(face.astype(np.float32) / 255.0)
