@@ -200,6 +200,57 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+    parser.add_argument("--num-samples", type=int, help="trials to run (default 8)")
+    parser.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs allow")
+
+
+@command("tune", add_tune_arguments)
+def run_tune_command(args: argparse.Namespace) -> int:
+    from agepipe.tune import run_tune
+
+    settings = config.TuneSettings(train=train_settings(args))
+    config.apply_overrides(
+        settings, {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials}
+    )
+    print(f"tune: {run_tune(settings)}")
+    return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint path or URI (default: the bundled default model)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest accepted upload (default 10 MiB)")
+    parser.add_argument("--batch-size", type=int, help="most requests per batched forward pass")
+    parser.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
+    parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    add_crop_settings(parser)
+
+
+@command("serve", add_serve_arguments)
+def run_serve_command(args: argparse.Namespace) -> int:
+    from agepipe.serve import run_server
+
+    settings = config.load(
+        config.ServeSettings,
+        args.config,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_bytes,
+        batch_size=args.batch_size,
+        max_replicas=args.max_replicas,
+        flip_tta=args.flip_tta,
+    )
+    settings.crop_overrides.update(
+        {k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None}
+    )
+    run_server(settings)
+    return 0
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="out/demo", help="folder for the demo's photos and results")
 

@@ -227,3 +227,14 @@ class ServeSettings:
     max_ongoing_requests: int = 64
     num_cpus: float = 1.0
     gpu_fraction: float = 0.25
+
+
+@dataclass
+class TuneSettings:
+    """Hyperparameter search over the training function; `train` holds the fixed settings."""
+
+    train: TrainSettings = field(default_factory=TrainSettings)
+    num_samples: int = 8
+    max_concurrent_trials: int | None = None
+    grace_period: int = 1
+    reduction_factor: int = 3

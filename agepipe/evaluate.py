@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import classification_report, confusion_matrix
 
 from agepipe import labels as labels_lib
@@ -178,15 +179,15 @@ def ordered_groups(frame: pd.DataFrame, column: str) -> list[str]:
 
 
 def mae_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    """One row per value of `column`: faces, MAE and bias (an empty frame when the column is absent)."""
-    header = [column, "faces", "mae", "bias"]
+    """One row per value of `column` (as `group`): faces, MAE and bias; empty when the column is absent."""
+    header = ["group", "faces", "mae", "bias"]
     if column not in frame:
         return pd.DataFrame(columns=header)
     rows = _with_ages(frame)
     rows = rows[rows[column].notna()]
     error = rows["age"].astype(float) - rows["label_age"].astype(float)
-    table = pd.DataFrame({column: rows[column].astype(str), "error": error, "abs_error": error.abs()})
-    grouped = table.groupby(column).agg(
+    table = pd.DataFrame({"group": rows[column].astype(str), "error": error, "abs_error": error.abs()})
+    grouped = table.groupby("group").agg(
         faces=("error", "size"), mae=("abs_error", "mean"), bias=("error", "mean")
     )
     order = [name for name in ordered_groups(rows, column) if name in grouped.index]
@@ -257,9 +258,15 @@ def prediction_distribution(faces: pd.DataFrame) -> dict[str, Any]:
     """What was predicted, labels or not: mean age and faces per age group and gender."""
     return {
         "mean_age": float(faces["age"].mean()) if len(faces) else None,
-        "age_group": {str(k): int(v) for k, v in faces["age_group"].value_counts().items()},
+        "age_group": {str(k): int(v) for k, v in _youngest_first(faces["age_group"], faces["age"]).items()},
         "gender": {str(k): int(v) for k, v in faces["gender"].value_counts().items()},
     }
+
+
+def _youngest_first(groups: pd.Series, ages: pd.Series) -> pd.Series:
+    """Faces per group, ordered by the group's mean age."""
+    mean_age = ages.groupby(groups).mean().sort_values()
+    return groups.value_counts().reindex(mean_age.index)
 
 
 def training_summary(run_metrics: pd.DataFrame) -> dict[str, Any]:
@@ -364,8 +371,7 @@ def plot_mae_by_group(tables: dict[str, pd.DataFrame]) -> bytes:
     figure = Figure(figsize=(4.5 * max(len(shown), 1), 4))
     panels = np.atleast_1d(figure.subplots(1, max(len(shown), 1)))
     for axes, (title, table) in zip(panels, shown.items(), strict=False):
-        names = table.iloc[:, 0].astype(str)
-        bars = axes.bar(names, table["mae"], color="teal")
+        bars = axes.bar(table["group"], table["mae"], color="teal")
         axes.bar_label(bars, labels=[f"n={n}" for n in table["faces"]], fontsize=8)
         axes.set(title=f"MAE by {title}", ylabel="MAE (years)")
         axes.tick_params(axis="x", rotation=30)
@@ -396,6 +402,7 @@ def plot_training_curves(run_metrics: pd.DataFrame) -> bytes:
         for start in phase_starts:
             axes.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
         axes.set(title=title, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
     return _png(figure)
@@ -482,9 +489,9 @@ figcaption { color: #555; font-size: 0.9rem; }
 """
 
 
-def _table_html(table: pd.DataFrame, table_id: str, index: bool = False) -> str:
+def _table_html(table: pd.DataFrame, table_id: str) -> str:
     return table.to_html(
-        index=index,
+        index=False,
         border=0,
         classes="metrics",
         table_id=table_id,
@@ -542,20 +549,19 @@ def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         sections.append(_section("Age error", _table_html(overall, "mae-overall"), *tables, *figures))
     if metrics and metrics["age_group"]["faces"]:
         group = metrics["age_group"]
-        confusion = pd.DataFrame(group["confusion"], index=group["labels"], columns=group["labels"])
-        confusion.index.name = "actual \\ predicted"
+        confusion = pd.DataFrame(group["confusion"], columns=group["labels"])
+        confusion.insert(0, "actual \\ predicted", group["labels"])
         accuracy = f"<p>Age-group accuracy: {group['accuracy']:.3f} over {group['faces']} faces.</p>"
         figure = _figure_html("age_group_confusion", plots["age_group_confusion"])
         sections.append(
-            _section("Age groups", accuracy, _table_html(confusion, "age-group-confusion", True), figure)
+            _section("Age groups", accuracy, _table_html(confusion, "age-group-confusion"), figure)
         )
     if metrics and metrics["gender"]:
-        report_table = pd.DataFrame(
-            {k: v for k, v in metrics["gender"].items() if isinstance(v, dict)}
-        ).T.rename_axis("class")
+        report_table = pd.DataFrame({k: v for k, v in metrics["gender"].items() if isinstance(v, dict)}).T
+        report_table = report_table.astype({"support": int}).rename_axis("class").reset_index()
         accuracy = metrics["gender"].get("accuracy")
         text = f"<p>Gender accuracy: {accuracy:.3f}.</p>" if accuracy is not None else ""
-        sections.append(_section("Gender", text, _table_html(report_table, "gender-report", True)))
+        sections.append(_section("Gender", text, _table_html(report_table, "gender-report")))
     distribution = report["prediction_distribution"]
     predicted = pd.DataFrame(
         [("age group", name, count) for name, count in distribution["age_group"].items()]

@@ -424,12 +424,10 @@ def crop_settings_of(data: str) -> CropSettings:
     return CropSettings()
 
 
-def run_training(settings: TrainSettings) -> dict:
-    """Train and write `model.pt`, `metrics.csv`, `split.parquet` and `settings.json` to the output."""
+def prepare_run(settings: TrainSettings) -> pd.DataFrame:
+    """Start Ray, plan the split and balancing, and save settings and split with the run."""
     import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
@@ -444,18 +442,27 @@ def run_training(settings: TrainSettings) -> dict:
     split_buffer = io.BytesIO()
     plan[["path", "face_index", "age", "gender", "race", "split", "copies"]].to_parquet(split_buffer)
     storage.write_bytes(storage.join(settings.output, "split.parquet"), split_buffer.getvalue())
+    return plan
+
+
+def make_trainer(
+    settings: TrainSettings, plan: pd.DataFrame, storage_uri: str, name: str, callbacks: list | None = None
+) -> Any:
+    """The TorchTrainer for one run; re-made with the same storage and name, it resumes that run."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     # Leave one whole CPU unreserved: Ray Data's file listing and read tasks feed the workers from it.
     cpus_per_worker = settings.cpus_per_worker or max(0.25, (cluster_cpus - 1) / settings.num_workers)
     data_cpus = 0.25
-    crop = crop_settings_of(settings.data)
-    fs, output_path = storage.resolve(settings.output)
-    trainer = TorchTrainer(
+    fs, path = storage.resolve(storage_uri)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "settings": to_dict(settings),
-            "crop": to_dict(crop),
+            "crop": to_dict(crop_settings_of(settings.data)),
             "threads_per_worker": max(1, int(cluster_cpus // settings.num_workers)),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -464,25 +471,39 @@ def run_training(settings: TrainSettings) -> dict:
             resources_per_worker={"CPU": cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name="ray_train",
-            storage_path=output_path,
+            name=name,
+            storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={
             "train": split_dataset(settings, plan, "train", data_cpus),
             "val": split_dataset(settings, plan, "val", data_cpus),
         },
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
+
+
+def export_checkpoint(checkpoint: Any, settings: TrainSettings, output: str) -> dict:
+    """Write a run checkpoint's best weights as `model.pt` and its history as `metrics.csv`."""
+    with checkpoint.as_directory() as directory:
         final = torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
         state = torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
     final["train_settings"] = to_dict(settings)
     final["history"] = state["history"]
-    save_checkpoint(final, storage.join(settings.output, "model.pt"))
+    save_checkpoint(final, storage.join(output, "model.pt"))
     metrics_buffer = io.BytesIO()
     pd.DataFrame(state["history"]).to_csv(metrics_buffer, index=False)
-    storage.write_bytes(storage.join(settings.output, "metrics.csv"), metrics_buffer.getvalue())
+    storage.write_bytes(storage.join(output, "metrics.csv"), metrics_buffer.getvalue())
     return {"best_val_mae": final["val_mae"], "best_epoch": final["epoch"], "epochs": len(state["history"])}
+
+
+def run_training(settings: TrainSettings) -> dict:
+    """Train and write `model.pt`, `metrics.csv`, `split.parquet` and `settings.json` to the output.
+
+    Running it again with the same output resumes an interrupted run from its last checkpoint.
+    """
+    plan = prepare_run(settings)
+    result = make_trainer(settings, plan, settings.output, "ray_train").fit()
+    return export_checkpoint(result.checkpoint, settings, settings.output)

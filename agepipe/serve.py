@@ -1,0 +1,347 @@
+"""Online age estimation: a Ray Serve application with a FastAPI ingress and an upload page.
+
+`POST /predict` takes an image (raw body or multipart field `file`) and answers every face
+with its box, age (± uncertainty), age group and gender; `POST /explain` answers a Grad-CAM
+overlay PNG of the largest face; `GET /healthz` answers 200 once the model is loaded; `GET /`
+is the upload page. Bad input is a 4xx with a JSON `detail`, checked before anything is decoded
+where it can be (body size, content type).
+
+Each request decodes and detects on its own (one detector thread per replica), then waits on
+`predict_faces`, which `@serve.batch` turns into one model forward pass for the faces of all
+requests that arrived together. The request parsing and response shaping are plain functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from python_multipart import parse_form
+from python_multipart.multipart import Field, File
+from ray import serve
+from ray.serve.deployment import Application
+
+from agepipe import config, storage
+from agepipe.config import ServeSettings
+from agepipe.images import ImageError, decode, encode
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+UPLOAD_FIELD = "file"
+RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
+MULTIPART_CONTENT_TYPE = "multipart/form-data"
+# Decode failures are the client's: the body was not a usable image.
+STATUS_BY_IMAGE_ERROR = {"empty": 400, "too_large": 413}
+UNUSABLE_IMAGE_STATUS = 422
+
+T = TypeVar("T")
+
+
+class RequestError(Exception):
+    """A client error: answered with `status` and JSON `{"detail": detail, "error": reason}`."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+def check_content_length(header: str | None, max_body_bytes: int) -> None:
+    """Refuse a declared body over the limit before any of it is read."""
+    if header is None:
+        return
+    try:
+        declared = int(header)
+    except ValueError:
+        raise RequestError(400, "bad_content_length", f"invalid Content-Length {header!r}") from None
+    if declared > max_body_bytes:
+        raise RequestError(413, "body_too_large", body_too_large_detail(max_body_bytes))
+
+
+def body_too_large_detail(max_body_bytes: int) -> str:
+    return f"request body exceeds {max_body_bytes} bytes"
+
+
+def upload_kind(content_type: str | None) -> str:
+    """`multipart` or `raw` for an accepted Content-Type; a missing one means raw bytes."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type == MULTIPART_CONTENT_TYPE:
+        return "multipart"
+    if not media_type or media_type.startswith(RAW_CONTENT_TYPES):
+        return "raw"
+    raise RequestError(
+        415,
+        "unsupported_media_type",
+        f"unsupported Content-Type {media_type!r}: send the image as the body with an image/* or "
+        f"application/octet-stream type, or as multipart/form-data field {UPLOAD_FIELD!r}",
+    )
+
+
+def multipart_file(body: bytes, content_type: str, field_name: str = UPLOAD_FIELD) -> bytes:
+    """The bytes of one multipart/form-data field (a file part or a plain value)."""
+    found: list[bytes] = []
+    wanted = field_name.encode()
+
+    def on_file(part: File) -> None:
+        if part.field_name == wanted:
+            part.file_object.seek(0)
+            found.append(part.file_object.read())
+
+    def on_field(part: Field) -> None:
+        if part.field_name == wanted:
+            found.append(part.value or b"")
+
+    headers = {"Content-Type": content_type.encode("latin-1"), "Content-Length": str(len(body)).encode()}
+    try:
+        parse_form(headers, io.BytesIO(body), on_field, on_file)
+    except ValueError as exc:  # python_multipart's parse errors are ValueErrors
+        raise RequestError(400, "bad_multipart", f"malformed multipart body: {exc}") from None
+    if not found:
+        raise RequestError(400, "missing_file", f"multipart body has no field {field_name!r}")
+    return found[0]
+
+
+def upload_bytes(body: bytes, content_type: str | None) -> bytes:
+    """The image bytes of a request: the raw body, or the multipart field `file`."""
+    if upload_kind(content_type) == "multipart":
+        return multipart_file(body, content_type or "")
+    return body
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB pixels of an uploaded image; decoding failures become 4xx RequestErrors."""
+    try:
+        return decode(data, max_pixels)
+    except ImageError as exc:
+        status = STATUS_BY_IMAGE_ERROR.get(exc.reason, UNUSABLE_IMAGE_STATUS)
+        raise RequestError(status, exc.reason, f"cannot use the image: {exc}") from None
+
+
+def face_json(row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
+    """One face of the response: box in source pixels, detector score and the predictions."""
+    return {
+        "face_index": row["face_index"],
+        "box": [round(float(row[k]), 1) for k in ("x1", "y1", "x2", "y2")],
+        "score": round(float(row["score"]), 4),
+        "age": round(prediction["age"], 2),
+        "age_std": None if prediction["age_std"] is None else round(prediction["age_std"], 2),
+        "age_group": prediction["age_group"],
+        "age_group_probs": {k: round(v, 4) for k, v in prediction["age_group_probs"].items()},
+        "gender": prediction["gender"],
+        "gender_prob": round(prediction["gender_prob"], 4),
+    }
+
+
+def face_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The crop function's rows that hold a face (a `no_face` row holds none)."""
+    return [row for row in rows if row["crop"] is not None]
+
+
+def predict_response(rows: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]]) -> dict:
+    """The `/predict` answer for one image: its faces (possibly none) and its size."""
+    faces = face_rows(rows)
+    if len(faces) != len(predictions):
+        raise ValueError(f"{len(faces)} faces but {len(predictions)} predictions")
+    return {
+        "faces": [face_json(row, prediction) for row, prediction in zip(faces, predictions, strict=True)],
+        "width": rows[0]["width"],
+        "height": rows[0]["height"],
+    }
+
+
+def largest_face(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The face with the largest box; a RequestError when the image has none."""
+    faces = face_rows(rows)
+    if not faces:
+        raise RequestError(422, "no_face", "no face found in the image")
+    return max(faces, key=lambda row: (row["x2"] - row["x1"]) * (row["y2"] - row["y1"]))
+
+
+def split_by_counts(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
+    """Undo a concatenation: `counts[i]` consecutive items for each original list."""
+    if sum(counts) != len(items):
+        raise ValueError(f"counts add up to {sum(counts)}, not {len(items)}")
+    parts, start = [], 0
+    for count in counts:
+        parts.append(list(items[start : start + count]))
+        start += count
+    return parts
+
+
+def replica_resources(settings: ServeSettings, cluster_gpus: float) -> dict[str, float]:
+    """Ray resources of one replica: a GPU fraction only where the cluster has GPUs."""
+    resources = {"num_cpus": settings.num_cpus}
+    if cluster_gpus > 0:
+        resources["num_gpus"] = settings.gpu_fraction
+    return resources
+
+
+def autoscaling_config(settings: ServeSettings) -> dict[str, Any]:
+    """Scale replicas on queued + running requests per replica."""
+    return {
+        "min_replicas": settings.min_replicas,
+        "max_replicas": settings.max_replicas,
+        "target_ongoing_requests": settings.target_ongoing_requests,
+    }
+
+
+def absolute_local_path(uri: str | None) -> str | None:
+    """A local path made absolute (replicas may run in another directory); URIs unchanged."""
+    if uri is None or storage.is_remote(uri) or not Path(uri).exists():
+        return uri
+    return str(Path(uri).resolve())
+
+
+def with_absolute_paths(settings: ServeSettings) -> ServeSettings:
+    """A copy whose local model and detector-weights paths are absolute."""
+    overrides = dict(settings.crop_overrides)
+    if overrides.get("detector_weights"):
+        overrides["detector_weights"] = absolute_local_path(overrides["detector_weights"])
+    return dataclasses.replace(settings, model=absolute_local_path(settings.model), crop_overrides=overrides)
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is declared or read past the limit."""
+    check_content_length(request.headers.get("content-length"), max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise RequestError(413, "body_too_large", body_too_large_detail(max_body_bytes))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+app = FastAPI(title="agepipe", description="Facial age, age group and gender estimation.")
+
+
+@app.exception_handler(RequestError)
+async def request_error_response(_request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail, "error": exc.reason}, status_code=exc.status)
+
+
+@serve.deployment(name="AgeService")
+@serve.ingress(app)
+class AgeService:
+    """One replica: a Predictor, a detector thread and a model thread (the batched forward pass)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from agepipe.predict import Predictor
+
+        self.settings = settings
+        self.predictor = Predictor(settings.model, settings.crop_overrides, flip_tta=settings.flip_tta)
+        # Single threads: the detector and the model are not shared between threads, and
+        # detection of the next requests overlaps the forward pass of the current batch.
+        self.detect_thread = ThreadPoolExecutor(1, thread_name_prefix="detect")
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.predict_faces.set_max_batch_size(settings.batch_size)
+        self.predict_faces.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.page = (STATIC_DIR / "index.html").read_text()
+        self.started = time.time()
+        # Load the detector and run the model once so that the first request is not the slow one.
+        self.predictor.crop_images([np.full((64, 64, 3), 128, np.uint8)])
+        self.predictor.predict_crops([np.full((64, 64, 3), 128, np.uint8)])
+
+    async def _in_thread(self, pool: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    def _decode_and_crop(self, data: bytes) -> list[dict[str, Any]]:
+        image = decode_upload(data, self.predictor.crop.max_pixels)
+        return self.predictor.crop_images([image])[0]
+
+    async def _faces_of_upload(self, request: Request) -> list[dict[str, Any]]:
+        body = await read_body(request, self.settings.max_body_bytes)
+        data = upload_bytes(body, request.headers.get("content-type"))
+        return await self._in_thread(self.detect_thread, self._decode_and_crop, data)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_faces(self, crops_per_request: list[list[np.ndarray]]) -> list[list[dict]]:
+        """One forward pass for the faces of every request in the batch (sizes set in __init__)."""
+        crops = [crop for request_crops in crops_per_request for crop in request_crops]
+        predictions = await self._in_thread(self.model_thread, self.predictor.predict_crops, crops)
+        return split_by_counts(predictions, [len(request_crops) for request_crops in crops_per_request])
+
+    @app.get("/", response_class=HTMLResponse)
+    async def upload_page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.predictor.model_uri,
+            "detector": self.predictor.crop.detector,
+            "device": str(self.predictor.device),
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> dict[str, Any]:
+        rows = await self._faces_of_upload(request)
+        crops = [row["crop"] for row in face_rows(rows)]
+        predictions = await self.predict_faces(crops) if crops else []
+        return predict_response(rows, predictions)
+
+    @app.post("/explain")
+    async def explain(self, request: Request) -> Response:
+        from agepipe.explain import explain_crop
+
+        face = largest_face(await self._faces_of_upload(request))
+        overlay = await self._in_thread(self.model_thread, explain_crop, self.predictor, face["crop"])
+        return Response(encode(overlay, "png"), media_type="image/png")
+
+
+def application(settings: ServeSettings) -> Application:
+    """The Serve application for these settings (autoscaling, replica resources, limits)."""
+    import ray
+
+    settings = with_absolute_paths(settings)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return AgeService.options(
+        autoscaling_config=autoscaling_config(settings),
+        max_ongoing_requests=settings.max_ongoing_requests,
+        ray_actor_options=replica_resources(settings, cluster_gpus),
+    ).bind(settings)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy` config files: `args` are ServeSettings fields."""
+    return application(config.from_dict(ServeSettings, args))
+
+
+def start_server(settings: ServeSettings, name: str = "agepipe", route_prefix: str = "/") -> str:
+    """Start Serve (and a local Ray if none is running) with this application; returns its URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings), name=name, route_prefix=route_prefix)
+    return f"http://{settings.host}:{settings.port}{route_prefix}"
+
+
+def stop_server() -> None:
+    """Stop every Serve application and the HTTP proxy (Ray itself keeps running)."""
+    serve.shutdown()
+
+
+def run_server(settings: ServeSettings) -> None:
+    """Serve until interrupted (Ctrl-C), printing the URL once the model is loaded."""
+    url = start_server(settings)
+    print(f"agepipe serve: listening on {url} (upload page), POST {url}predict; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server()

@@ -1,0 +1,105 @@
+"""Ray Tune search over the two-phase training run.
+
+Each trial is a TorchTrainer run (`train.make_trainer`) with one point of the
+search space; metrics flow to Tune every epoch and ASHA stops poor trials
+early on validation MAE. The best config and checkpoint go to the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from agepipe import storage
+from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
+from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run
+
+TUNED_FIELDS = (
+    "phase1_lr",
+    "phase2_lr",
+    "dropout",
+    "dense_units",
+    "unfreeze_stages",
+    "group_loss_weight",
+    "gender_loss_weight",
+)
+
+
+def search_space() -> dict[str, Any]:
+    """Learning rates of both phases, dropout, dense units, unfrozen depth and loss weights."""
+    from ray import tune
+
+    return {
+        "phase1_lr": tune.loguniform(1e-3, 1e-2),
+        "phase2_lr": tune.loguniform(1e-4, 2e-3),
+        "dropout": tune.uniform(0.1, 0.5),
+        "dense_units": tune.choice([256, 512, 1024]),
+        "unfreeze_stages": tune.choice([2, 4, 6, 9]),
+        "group_loss_weight": tune.uniform(0.2, 1.0),
+        "gender_loss_weight": tune.uniform(0.2, 1.0),
+    }
+
+
+def trial_settings(base: TrainSettings, trial_config: dict[str, Any], output: str) -> TrainSettings:
+    """The base settings with one trial's hyperparameters, writing under `output`."""
+    values = {k: v for k, v in trial_config.items() if k in TUNED_FIELDS}
+    return dataclasses.replace(base, output=output, **values)
+
+
+def tune_trial(trial_config: dict[str, Any]) -> None:
+    """Tune's function trainable: drive one TorchTrainer run and forward its reports to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base = from_dict(TrainSettings, trial_config["base"])
+    context = ray.tune.get_context()
+    trial_output = storage.join(trial_config["output"], "trials", context.get_trial_id())
+    settings = trial_settings(base, trial_config, trial_output)
+    plan, _ = plan_dataset(settings)
+    trainer = make_trainer(settings, plan, trial_output, "ray_train", callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def run_tune(settings: TuneSettings) -> dict[str, Any]:
+    """Search, then write `best_config.json`, the best trial's `model.pt`, `metrics.csv` and `trials.csv`."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = settings.train
+    prepare_run(base)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = base.num_workers * (base.cpus_per_worker or 1)
+    max_concurrent = settings.max_concurrent_trials or max(1, int(cluster_cpus // (per_trial + 1)))
+    fs, path = storage.resolve(base.output)
+    scheduler = ASHAScheduler(
+        max_t=base.phase1_epochs + base.phase2_epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        # The trial function only drives its TorchTrainer; the workers hold the CPUs.
+        tune.with_resources(tune_trial, {"CPU": 0}),
+        param_space={**search_space(), "base": to_dict(base), "output": base.output},
+        tune_config=tune.TuneConfig(
+            metric="val_mae",
+            mode="min",
+            num_samples=settings.num_samples,
+            scheduler=scheduler,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(name="ray_tune", storage_path=path, storage_filesystem=fs),
+    )
+    results = tuner.fit()
+    best = results.get_best_result(metric="val_mae", mode="min", scope="all")
+    best_config = {k: best.config[k] for k in TUNED_FIELDS}
+    best_settings = trial_settings(base, best_config, base.output)
+    summary = export_checkpoint(best.checkpoint, best_settings, base.output)
+    storage.write_bytes(
+        storage.join(base.output, "best_config.json"),
+        json.dumps({"config": best_config, "val_mae": summary["best_val_mae"]}, indent=2).encode(),
+    )
+    trials = results.get_dataframe(filter_metric="val_mae", filter_mode="min")
+    storage.write_bytes(storage.join(base.output, "trials.csv"), trials.to_csv(index=False).encode())
+    return {"best_config": best_config, **summary, "trials": len(trials)}

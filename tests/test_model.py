@@ -1,0 +1,103 @@
+"""The multi-task network: offline ImageNet weights, freezing, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agepipe.config import CropSettings
+from agepipe.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AgeModel,
+    ModelConfig,
+    backbone_stages,
+    checkpoint_dict,
+    create_backbone,
+    freeze_backbone,
+    load_checkpoint,
+    save_checkpoint,
+    set_train_mode,
+)
+
+IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_offline_efficientnet_lite0_weights_recognise_a_cat() -> None:
+    from skimage import data
+    from torchvision.transforms import v2
+
+    model = create_backbone("efficientnet_lite0").eval()
+    transform = v2.Compose(
+        [
+            v2.Resize(256),
+            v2.CenterCrop(224),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    image = transform(torch.from_numpy(data.chelsea()).permute(2, 0, 1))[None]
+    with torch.no_grad():
+        top5 = set(model(image).topk(5).indices[0].tolist())
+    assert top5 & IMAGENET_CATS, f"top-5 classes {top5} hold no cat"
+
+
+@pytest.fixture(scope="module")
+def model() -> AgeModel:
+    return AgeModel(ModelConfig(), backbone_weights=False)
+
+
+def _trainable(module: nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def test_phase_one_trains_only_the_heads(model: AgeModel) -> None:
+    freeze_backbone(model, 0)
+    trainable = _trainable(model)
+    assert trainable and all(not name.startswith("backbone.") for name in trainable)
+    assert {n.split(".")[0] for n in trainable} == {"shared", "age_head", "group_head", "gender_head"}
+
+
+def test_phase_two_unfreezes_exactly_the_top_stages_without_batchnorm(model: AgeModel) -> None:
+    freeze_backbone(model, 3)
+    stages = backbone_stages(model)
+    expected = set()
+    for stage in stages[-3:]:
+        for _module_name, module in stage.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            expected |= {id(p) for p in module.parameters(recurse=False)}
+    trainable_backbone = {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert trainable_backbone == expected and expected
+    set_train_mode(model)
+    batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert batchnorms and all(not m.training for m in batchnorms)
+    assert model.shared.training
+
+
+def test_age_estimates_stay_in_range(model: AgeModel) -> None:
+    model.eval()
+    logits = torch.randn(4, 101) * 5
+    age, spread = model.age_estimate(logits)
+    assert ((age >= 0) & (age <= 100)).all() and (spread > 0).all()
+    regression = AgeModel(ModelConfig(age_head="regression"), backbone_weights=False)
+    age, spread = regression.age_estimate(torch.tensor([[-5.0], [50.0], [150.0]]))
+    assert age.tolist() == [0.0, 50.0, 100.0] and spread is None
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path, model: AgeModel) -> None:
+    model.eval()
+    crop = CropSettings(detector="yunet", detector_weights="face.onnx", margin=0.2, size=160)
+    path = tmp_path / "model.pt"
+    save_checkpoint(checkpoint_dict(model, crop, {"val_mae": 4.2}), str(path))
+    raw = torch.load(path, weights_only=True)
+    assert raw["crop"]["margin"] == 0.2 and raw["model_config"]["groups"]["names"][0] == "Child"
+    loaded, loaded_crop, _ = load_checkpoint(str(path))
+    assert loaded_crop == crop
+    images = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype(np.float32))
+    with torch.no_grad():
+        before, after = model(images), loaded(images)
+    for head in before:
+        assert torch.equal(before[head], after[head])

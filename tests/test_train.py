@@ -1,0 +1,203 @@
+"""Training: split and balancing logic, and real short runs on local Ray (DDP on CPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from agepipe.config import AgeGroups
+from agepipe.labels import group_index
+from agepipe.model import load_checkpoint
+from agepipe.train import balancing_weights, stratified_split, usable_rows
+
+
+def _frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {"path": [f"img{i}.jpg" for i in range(n)], "age": rng.integers(0, 90, n).astype(float)}
+    )
+
+
+def test_split_is_deterministic_stratified_and_by_image() -> None:
+    frame = _frame(3000)
+    extra = frame.iloc[:50].assign(age=frame["age"].iloc[:50])  # second faces of the same images
+    frame = pd.concat([frame, extra], ignore_index=True)
+    groups = AgeGroups()
+    first = stratified_split(frame, groups, 0.1, 0.1, seed=3)
+    assert first.equals(stratified_split(frame, groups, 0.1, 0.1, seed=3))
+    assert not first.equals(stratified_split(frame, groups, 0.1, 0.1, seed=4))
+    assert frame.assign(split=first).groupby("path")["split"].nunique().max() == 1
+    shares = first.value_counts(normalize=True)
+    assert abs(shares["train"] - 0.8) < 0.01 and abs(shares["test"] - 0.1) < 0.01
+    by_group = pd.crosstab([group_index(a, groups) for a in frame["age"]], first, normalize="index")
+    assert (by_group["test"] - 0.1).abs().max() < 0.02
+
+
+def test_balancing_caps_common_ages_and_repeats_rare_ones() -> None:
+    ages = pd.Series([30.0] * 50 + [90.0] * 3 + [40.0] * 12)
+    copies = balancing_weights(ages, max_per_age=20, min_per_age=10, seed=0)
+    assert copies[:50].sum() == 20 and set(copies[:50]) <= {0, 1}
+    assert copies[50:53].sum() == 10 and copies[50:53].min() >= 1
+    assert (copies[53:] == 1).all()
+
+
+def test_rows_with_errors_or_without_age_are_left_out_and_counted() -> None:
+    frame = pd.DataFrame(
+        {"path": list("abcd"), "age": [1.0, None, 3.0, None], "error": [None, None, "no_face", "corrupt"]}
+    )
+    kept, dropped = usable_rows(frame)
+    assert list(kept["path"]) == ["a"] and dropped == {"error_or_no_face": 2, "no_age": 1}
+
+
+@pytest.fixture(scope="module")
+def small_faces(utkface_dir, tmp_path_factory) -> Path:
+    """A crop dataset of 240 UTKFace faces made by the crop job (`--detector none`, 96 px)."""
+    root = tmp_path_factory.mktemp("train")
+    images = root / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(utkface_dir))[::89][:240]:
+        shutil.copy(utkface_dir / name, images / name)
+    result = _cli(
+        "crop",
+        "--input",
+        str(images),
+        "--output",
+        str(root / "faces"),
+        "--labels",
+        "utkface",
+        "--detector",
+        "none",
+        "--size",
+        "96",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "faces"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agepipe.cli", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+TINY_RUN = (
+    "--image-size",
+    "64",
+    "--batch-size",
+    "32",
+    "--num-workers",
+    "2",
+    "--backbone",
+    "efficientnet_lite0",
+)
+
+
+def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_path) -> None:
+    output = tmp_path / "run"
+    result = _cli(
+        "train",
+        "--data",
+        str(small_faces),
+        "--output",
+        str(output),
+        *TINY_RUN,
+        "--phase1-epochs",
+        "3",
+        "--phase2-epochs",
+        "1",
+        "--phase1-lr",
+        "0.01",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = pd.read_csv(output / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1, 2, 3] and list(metrics["phase"]) == [1, 1, 1, 2]
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert {"val_mae", "val_group_accuracy", "val_gender_accuracy", "lr", "val_loss"} <= set(metrics.columns)
+    split = pd.read_parquet(output / "split.parquet")
+    assert set(split["split"]) == {"train", "val", "test"}
+
+    model, crop, checkpoint = load_checkpoint(str(output / "model.pt"))
+    assert crop.detector == "none" and crop.size == 96
+    assert checkpoint["val_mae"] == metrics["val_mae"].min()
+    again, _, _ = load_checkpoint(str(output / "model.pt"))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images)["age"], again(images)["age"])
+    checkpoints = sorted((output / "ray_train").glob("checkpoint_*"))
+    assert checkpoints, "no Ray Train checkpoints under the output"
+
+
+def _train_workers(root_pid: int) -> list[psutil.Process]:
+    """RayTrainWorker processes started by one driver process (not by any other Ray on the machine)."""
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    return sorted((output / "ray_train").glob("checkpoint_*"))
+
+
+def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while len(_checkpoints(output)) < count:
+        assert process.poll() is None, "training ended early"
+        assert time.time() < deadline, f"fewer than {count} checkpoints in time"
+        time.sleep(0.5)
+
+
+def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, tmp_path) -> None:
+    output = tmp_path / "run"
+    command = (
+        "train",
+        "--data",
+        str(small_faces),
+        "--output",
+        str(output),
+        *TINY_RUN,
+        "--phase1-epochs",
+        "2",
+        "--phase2-epochs",
+        "4",
+    )
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "agepipe.cli", *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_checkpoints(output, 1, first)
+            workers = _train_workers(first.pid)
+            assert len(workers) == 2
+            workers[0].kill()  # a worker dies mid-training
+            # FailureConfig restarts the workers from the last checkpoint and training goes on.
+            seen = {p.name for p in _checkpoints(output)}
+            deadline = time.time() + 600
+            while not ({p.name for p in _checkpoints(output)} - seen):
+                assert first.poll() is None and time.time() < deadline, "no progress after the worker died"
+                time.sleep(0.5)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # then the whole run is interrupted
+            first.wait()
+    interrupted_at = len(pd.read_csv(output / "metrics.csv")) if (output / "metrics.csv").exists() else None
+    assert interrupted_at is None, "the first run should not have finished"
+    second = _cli(*command)  # the same command again resumes from the storage path
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = pd.read_csv(output / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(6)), "epochs were lost or repeated"
+    assert "'epoch': 0," not in second.stdout + second.stderr, "the resumed run started over"
