@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +208,9 @@ def plan_inputs(input_uri: str, output_uri: str) -> tuple[list[str], JobSummary]
     images, other_files = storage.list_images(input_uri)
     done = completed_paths(output_uri)
     todo = [p for p in images if p not in done]
+    # Listing order often follows the labels (UTKFace names start with the age); a seeded shuffle
+    # spreads them over output files, so no file holds one narrow slice of the data.
+    random.Random(0).shuffle(todo)
     summary = JobSummary(
         images_found=len(images),
         images_skipped_done=len(images) - len(todo),

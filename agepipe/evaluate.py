@@ -35,7 +35,8 @@ from agepipe.config import EvaluateSettings, LabelSettings
 logger = logging.getLogger(__name__)
 
 LABEL_FIELDS = ("age", "gender", "race", "age_group")
-GROUPINGS = {"label_age_group": "age group", "label_gender": "gender", "label_race": "race"}
+# what MAE is broken down by: name -> label column
+GROUPINGS = {"age_group": "label_age_group", "gender": "label_gender", "race": "label_race"}
 
 
 # --- reading predictions and labels ---
@@ -91,10 +92,9 @@ def complete_label_groups(frame: pd.DataFrame, settings: LabelSettings) -> pd.Da
     if "label_age" not in frame:
         return frame
     derived = frame["label_age"].map(lambda age: labels_lib.age_group(age, settings.groups))
+    existing = frame.get("label_age_group", derived)
     frame = frame.copy()
-    frame["label_age_group"] = frame.get("label_age_group", derived).where(
-        lambda groups: groups.notna(), derived
-    )
+    frame["label_age_group"] = existing.where(existing.notna(), derived)
     return frame
 
 
@@ -227,7 +227,7 @@ def gender_report(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    return json.loads(table.to_json(orient="records"))
+    return json.loads(table.to_json(orient="records", double_precision=15))
 
 
 def metrics_summary(frame: pd.DataFrame) -> dict[str, Any]:
@@ -243,7 +243,7 @@ def metrics_summary(frame: pd.DataFrame) -> dict[str, Any]:
     return {
         "faces": len(frame),
         "age": age_errors(frame),
-        **{f"by_{GROUPINGS[c].replace(' ', '_')}": _records(mae_by(frame, c)) for c in GROUPINGS},
+        **{f"by_{name}": _records(mae_by(frame, column)) for name, column in GROUPINGS.items()},
         "age_group": {
             "faces": total,
             "accuracy": correct / total if total else None,
@@ -540,9 +540,10 @@ def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     if metrics and metrics["age"]["faces"]:
         overall = pd.DataFrame([metrics["age"]])
         tables = [
-            f"<h3>By {title}</h3>{_table_html(pd.DataFrame(metrics[key]), f'mae-by-{key[3:]}')}"
-            for key, title in (("by_age_group", "age group"), ("by_gender", "gender"), ("by_race", "race"))
-            if metrics[key]
+            f"<h3>By {name.replace('_', ' ')}</h3>"
+            + _table_html(pd.DataFrame(metrics[f"by_{name}"]), f"mae-by-{name.replace('_', '-')}")
+            for name in GROUPINGS
+            if metrics[f"by_{name}"]
         ]
         names = ("predicted_vs_actual", "error_histogram", "mae_by_group")
         figures = [_figure_html(name, plots[name]) for name in names if name in plots]
@@ -601,7 +602,7 @@ def build_plots(
             faces, settings.max_scatter_points, settings.seed
         )
         plots["error_histogram"] = plot_error_histogram(faces)
-        tables = {GROUPINGS[column]: mae_by(faces, column) for column in GROUPINGS}
+        tables = {name.replace("_", " "): mae_by(faces, column) for name, column in GROUPINGS.items()}
         plots["mae_by_group"] = plot_mae_by_group(tables)
     if metrics and metrics["age_group"]["faces"]:
         plots["age_group_confusion"] = plot_confusion_matrix(age_group_confusion(faces))
@@ -618,8 +619,6 @@ def read_run_metrics(run: str) -> pd.DataFrame:
 def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     """Evaluate `settings.predictions`; write the PNGs, `metrics.json` and `report.html` to
     `settings.output`. Returns the metrics.json content plus the report's URI."""
-    from agepipe.predict import Predictor
-
     if not settings.predictions or not settings.output:
         raise ValueError("evaluate needs --predictions and --output")
     predictions = with_labels(read_predictions(settings.predictions), settings.labels)
@@ -634,6 +633,8 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         plots["training_curves"] = plot_training_curves(run_metrics)
     tiles: list[GradcamTile] = []
     if settings.gradcam_faces > 0 and len(faces):
+        from agepipe.predict import Predictor
+
         overrides = {k: v for k, v in settings.crop_overrides.items() if v is not None}
         predictor = Predictor(settings.model, overrides, flip_tta=False)
         tiles = gradcam_tiles(predictor, sample_faces(faces, settings.gradcam_faces, settings.seed))

@@ -11,8 +11,6 @@ Each request decodes and detects on its own (one detector thread per replica), t
 requests that arrived together. The request parsing and response shaping are plain functions.
 """
 
-from __future__ import annotations
-
 import asyncio
 import dataclasses
 import io
@@ -41,6 +39,12 @@ MULTIPART_CONTENT_TYPE = "multipart/form-data"
 # Decode failures are the client's: the body was not a usable image.
 STATUS_BY_IMAGE_ERROR = {"empty": 400, "too_large": 413}
 UNUSABLE_IMAGE_STATUS = 422
+IMAGE_ERROR_DETAILS = {
+    "empty": "empty image: the request carried no bytes",
+    "not_image": "not an image: the bytes are in no known image format",
+    "corrupt": "corrupt image: it could not be decoded",
+    "truncated": "truncated image: the file ends early",
+}
 
 T = TypeVar("T")
 
@@ -123,7 +127,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         return decode(data, max_pixels)
     except ImageError as exc:
         status = STATUS_BY_IMAGE_ERROR.get(exc.reason, UNUSABLE_IMAGE_STATUS)
-        raise RequestError(status, exc.reason, f"cannot use the image: {exc}") from None
+        raise RequestError(status, exc.reason, IMAGE_ERROR_DETAILS.get(exc.reason, str(exc))) from None
 
 
 def face_json(row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +285,7 @@ class AgeService:
             "model": self.predictor.model_uri,
             "detector": self.predictor.crop.detector,
             "device": str(self.predictor.device),
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "uptime_s": round(time.time() - self.started, 1),
         }
 

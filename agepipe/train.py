@@ -412,7 +412,10 @@ def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus:
         file_extensions=["parquet"],
         ray_remote_args={"num_cpus": cpus},
     )
-    return dataset.map_batches(SplitFilter(copies), batch_format="pandas", num_cpus=cpus)
+    dataset = dataset.map_batches(SplitFilter(copies), batch_format="pandas", num_cpus=cpus)
+    # Crop datasets are often ordered (by file name, hence by age for UTKFace): without a full
+    # shuffle every batch holds one narrow age range and the model chases it.
+    return dataset.random_shuffle(num_cpus=cpus) if split == "train" else dataset
 
 
 def crop_settings_of(data: str) -> CropSettings:

@@ -172,6 +172,8 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
         "2",
         "--phase2-epochs",
         "4",
+        "--patience",
+        "10",
     )
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(

@@ -1,0 +1,173 @@
+"""Serve endpoint benchmark: latency p50/p99 and throughput at 1, 8 and 32 concurrent clients, with and
+without request batching, for 200x200 UTKFace faces (`--detector none`) and 640x480 scenes (YuNet).
+
+    .venv/bin/python benchmarks/serve.py [--model PATH] [--seconds 6]
+
+Each client is an asyncio task that posts its next image as soon as the previous answer arrives.
+One replica (one CPU) on a local Ray; the clients run on the same machine. Writes
+benchmarks/results/serve.md and serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import ray
+from PIL import Image
+
+from agepipe.config import ServeSettings, shared_data_dir
+from agepipe.images import encode
+from agepipe.samples import compose_scene
+from agepipe.serve import start_server, stop_server
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLIENT_COUNTS = (1, 8, 32)
+BATCH_SIZES = {"on": 16, "off": 1}
+
+
+def face_images(count: int) -> list[bytes]:
+    paths = sorted((shared_data_dir() / "data" / "utkface").glob("*.jpg"))[:count]
+    if not paths:
+        raise SystemExit(f"no UTKFace images under {shared_data_dir()}: set AGEPIPE_SHARED")
+    return [path.read_bytes() for path in paths]
+
+
+def scene_images(count: int, faces_per_scene: int = 2) -> list[bytes]:
+    """640x480 JPEG scenes of UTKFace faces pasted onto a textured, noisy background."""
+    rng = np.random.default_rng(0)
+    paths = sorted((shared_data_dir() / "data" / "utkface").glob("*.jpg"))[: count * faces_per_scene]
+    scenes = []
+    for start in range(0, len(paths), faces_per_scene):
+        faces = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + faces_per_scene]]
+        pixels, _ = compose_scene(faces, (480, 640), rng, min_side=90)
+        scenes.append(encode(pixels, "jpeg", 90))
+    return scenes
+
+
+async def run_clients(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
+    """Closed-loop load: `clients` tasks posting images back to back for `seconds`."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    faces = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        nonlocal faces
+        sent = 0
+        while time.perf_counter() < deadline:
+            data = images[(index * 7 + sent) % len(images)]
+            sent += 1
+            start = time.perf_counter()
+            async with session.post(url, data=data, headers={"Content-Type": "image/jpeg"}) as response:
+                body = await response.json()
+            latencies.append(time.perf_counter() - start)
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status == 200:
+                faces += len(body["faces"])
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    milliseconds = np.array(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 1),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "faces_per_s": round(faces / elapsed, 1),
+        "non_200": sum(count for status, count in statuses.items() if status != 200),
+    }
+
+
+def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
+    yunet = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+    workloads = {
+        "faces 200x200 (--detector none)": (face_images(64), {"detector": "none"}),
+        "scenes 640x480, 2 faces (YuNet)": (
+            scene_images(16),
+            {"detector": "yunet", "detector_weights": yunet},
+        ),
+    }
+    rows = []
+    for workload, (images, detector) in workloads.items():
+        for batching, batch_size in BATCH_SIZES.items():
+            settings = ServeSettings(
+                port=port,
+                model=model,
+                crop_overrides={**detector, "all_faces": True},
+                batch_size=batch_size,
+                min_replicas=1,
+                max_replicas=1,
+            )
+            url = start_server(settings, name="benchmark") + "predict"
+            asyncio.run(run_clients(url, images, clients=4, seconds=2))  # warm-up
+            for clients in CLIENT_COUNTS:
+                result = asyncio.run(run_clients(url, images, clients, seconds))
+                rows.append({"workload": workload, "batching": batching, **result})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| workload | batching | clients | requests | p50 ms | p99 ms | requests/s | faces/s | non-200 |"
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['batching']} | {r['clients']} | {r['requests']} | {r['p50_ms']} "
+            f"| {r['p99_ms']} | {r['requests_per_s']} | {r['faces_per_s']} | {r['non_200']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", help="checkpoint (default: the bundled default model)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measurement time per cell")
+    parser.add_argument("--port", type=int, default=8766)
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = benchmark(args.model, args.seconds, args.port)
+    finally:
+        stop_server()
+        ray.shutdown()
+    machine = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "replicas": 1,
+        "replica_cpus": ServeSettings().num_cpus,
+        "batch_sizes": BATCH_SIZES,
+        "seconds_per_cell": args.seconds,
+        "model": args.model or "default",
+    }
+    table = markdown_table(rows)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    notes = (
+        f"One replica ({machine['replica_cpus']} CPU) on local Ray, {machine['cpus']} CPUs, clients on the "
+        f"same machine; load average before/after: {machine['load_average_before']} / "
+        f"{machine['load_average_after']}. Model: {machine['model']}. Batching on = up to "
+        f"{BATCH_SIZES['on']} requests per forward pass; off = 1.\n"
+    )
+    (RESULTS_DIR / "serve.md").write_text(f"# Serve benchmark\n\n{notes}\n{table}\n")
+    (RESULTS_DIR / "serve.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    print(f"\n{notes}\n{table}")
+
+
+if __name__ == "__main__":
+    main()
