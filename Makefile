@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   the main job on local defaults (score real photos with the default model, write the report)
+#   make test   lint and the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint browser bench
+
+$(BIN)/agepipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU machines here carry these wheels locally.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Debian's Chromium for the browser tests (report page, upload page).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium not installed: browser tests will be skipped"
+
+demo: $(BIN)/agepipe
+	$(BIN)/agepipe demo --output out/demo
+
+lint: $(BIN)/agepipe
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(BIN)/agepipe browser lint
+	$(BIN)/pytest -q
+
+bench: $(BIN)/agepipe
+	$(BIN)/python benchmarks/crop.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/score.py
