@@ -30,9 +30,7 @@ def add_crop_settings(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--detector", choices=sorted(DETECTORS), help="face detector")
     group.add_argument("--detector-weights", help="detector weights: a path or URI")
     group.add_argument("--min-score", type=float, help="detector confidence threshold")
-    group.add_argument(
-        "--all-faces", action="store_true", default=None, help="every face, not only the largest"
-    )
+    group.add_argument("--all-faces", action="store_true", default=None, help="every face, not only the largest")
     group.add_argument("--margin", type=float, help="margin around the face box, fraction of its size")
     group.add_argument("--size", type=int, help="crop side in pixels")
 
@@ -96,8 +94,7 @@ def run_score_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         flip_tta=args.flip_tta,
-        crop_overrides={k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None}
-        or None,
+        crop_overrides={k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None} or None,
         **{"labels.kind": args.labels},
     )
     summary = run_score(settings)
@@ -244,9 +241,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         flip_tta=args.flip_tta,
     )
-    settings.crop_overrides.update(
-        {k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None}
-    )
+    settings.crop_overrides.update({k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None})
     run_server(settings)
     return 0
 
@@ -261,9 +256,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from agepipe.samples import write_sample_photos
 
     photos = write_sample_photos(Path(args.output) / "photos")
-    settings = config.load(
-        config.CropJobSettings, args.config, input=str(photos), output=f"{args.output}/faces"
-    )
+    settings = config.load(config.CropJobSettings, args.config, input=str(photos), output=f"{args.output}/faces")
     summary = run_crop(settings)
     print(summary.render("crop"))
     return 0

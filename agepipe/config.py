@@ -73,7 +73,7 @@ class CropJobSettings:
     output: str = ""
     crop: CropSettings = field(default_factory=CropSettings)
     labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = 32
+    batch_size: int = 64
     concurrency: int | None = None
     rows_per_file: int = 5000
 

@@ -60,7 +60,7 @@ CROP_SCHEMA = pa.schema(
 
 
 def read_payloads(paths: list[str], threads: int = 8) -> list[bytes | None]:
-    """File contents for each URI, None where the file cannot be read (reads overlap for S3)."""
+    """File contents for each URI, None where the file cannot be read (remote reads overlap)."""
 
     def read(path: str) -> bytes | None:
         try:
@@ -68,7 +68,7 @@ def read_payloads(paths: list[str], threads: int = 8) -> list[bytes | None]:
         except OSError:
             return None
 
-    if len(paths) <= 1:
+    if len(paths) <= 1 or not storage.is_remote(paths[0]):
         return [read(p) for p in paths]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(read, paths))
@@ -115,9 +115,7 @@ class CropWorker:
     def __init__(self, crop_settings: CropSettings, label_settings: LabelSettings, input_root: str):
         self.crop_settings = crop_settings
         self.label_settings = label_settings
-        self.detector = create_detector(
-            crop_settings.detector, crop_settings.detector_weights, crop_settings.min_score
-        )
+        self.detector = create_detector(crop_settings.detector, crop_settings.detector_weights, crop_settings.min_score)
         self.label_fn = labels_lib.label_source(label_settings, input_root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

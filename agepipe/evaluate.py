@@ -77,9 +77,7 @@ def attach_labels(
     predictions: pd.DataFrame, label_fn: Callable[[str], labels_lib.Labels], settings: LabelSettings
 ) -> pd.DataFrame:
     """Predictions with `label_*` columns derived from each row's `path` (replacing any there)."""
-    labels_by_path = {
-        path: labels_lib.finalize(label_fn(path), settings) for path in predictions["path"].unique()
-    }
+    labels_by_path = {path: labels_lib.finalize(label_fn(path), settings) for path in predictions["path"].unique()}
     frame = predictions.copy()
     for name in LABEL_FIELDS:
         frame[f"label_{name}"] = frame["path"].map(lambda path, name=name: labels_by_path[path][name])
@@ -187,9 +185,7 @@ def mae_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     rows = rows[rows[column].notna()]
     error = rows["age"].astype(float) - rows["label_age"].astype(float)
     table = pd.DataFrame({"group": rows[column].astype(str), "error": error, "abs_error": error.abs()})
-    grouped = table.groupby("group").agg(
-        faces=("error", "size"), mae=("abs_error", "mean"), bias=("error", "mean")
-    )
+    grouped = table.groupby("group").agg(faces=("error", "size"), mae=("abs_error", "mean"), bias=("error", "mean"))
     order = [name for name in ordered_groups(rows, column) if name in grouped.index]
     return grouped.reindex(order).reset_index()[header]
 
@@ -203,9 +199,7 @@ def age_group_confusion(frame: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     names = ordered_groups(rows, "label_age_group")
     names += sorted(set(rows["age_group"].astype(str)) - set(names))
-    counts = confusion_matrix(
-        rows["label_age_group"].astype(str), rows["age_group"].astype(str), labels=names
-    )
+    counts = confusion_matrix(rows["label_age_group"].astype(str), rows["age_group"].astype(str), labels=names)
     return pd.DataFrame(
         counts,
         index=pd.Index(names, name="actual"),
@@ -221,9 +215,7 @@ def gender_report(frame: pd.DataFrame) -> dict[str, Any]:
     if rows.empty:
         return {}
     names = [name for name in labels_lib.GENDERS if name in set(rows["label_gender"]) | set(rows["gender"])]
-    return classification_report(
-        rows["label_gender"], rows["gender"], labels=names, output_dict=True, zero_division=0
-    )
+    return classification_report(rows["label_gender"], rows["gender"], labels=names, output_dict=True, zero_division=0)
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -394,9 +386,7 @@ def plot_training_curves(run_metrics: pd.DataFrame) -> bytes:
     if "phase" in run_metrics:
         changed = run_metrics["phase"].ne(run_metrics["phase"].shift()) & (run_metrics.index > 0)
         phase_starts = list(epochs[changed])
-    for axes, (title, columns) in zip(
-        np.atleast_1d(figure.subplots(1, max(len(panels), 1))), panels, strict=False
-    ):
+    for axes, (title, columns) in zip(np.atleast_1d(figure.subplots(1, max(len(panels), 1))), panels, strict=False):
         for column in columns:
             axes.plot(epochs, run_metrics[column], marker="o", label=column)
         for start in phase_starts:
@@ -452,9 +442,7 @@ def gradcam_tiles(predictor: Any, faces: pd.DataFrame) -> list[GradcamTile]:
         except (OSError, storage.StorageError) as exc:
             logger.warning("Grad-CAM: cannot read %s: %s", face.path, exc)
             continue
-        crops = [
-            r["crop"] for r in image_rows if r["face_index"] == face.face_index and r["crop"] is not None
-        ]
+        crops = [r["crop"] for r in image_rows if r["face_index"] == face.face_index and r["crop"] is not None]
         if not crops:
             logger.warning("Grad-CAM: face %s of %s not found again", face.face_index, face.path)
             continue
@@ -554,9 +542,7 @@ def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         confusion.insert(0, "actual \\ predicted", group["labels"])
         accuracy = f"<p>Age-group accuracy: {group['accuracy']:.3f} over {group['faces']} faces.</p>"
         figure = _figure_html("age_group_confusion", plots["age_group_confusion"])
-        sections.append(
-            _section("Age groups", accuracy, _table_html(confusion, "age-group-confusion"), figure)
-        )
+        sections.append(_section("Age groups", accuracy, _table_html(confusion, "age-group-confusion"), figure))
     if metrics and metrics["gender"]:
         report_table = pd.DataFrame({k: v for k, v in metrics["gender"].items() if isinstance(v, dict)}).T
         report_table = report_table.astype({"support": int}).rename_axis("class").reset_index()
@@ -571,17 +557,13 @@ def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     )
     mean_age = distribution["mean_age"]
     text = f"<p>Mean predicted age: {mean_age:.1f} years.</p>" if mean_age is not None else ""
-    figures = (
-        [_figure_html("age_distribution", plots["age_distribution"])] if "age_distribution" in plots else []
-    )
+    figures = [_figure_html("age_distribution", plots["age_distribution"])] if "age_distribution" in plots else []
     sections.append(_section("Predictions", text, _table_html(predicted, "predicted-counts"), *figures))
     if "gradcam" in plots:
         sections.append(_section("Grad-CAM", _figure_html("gradcam", plots["gradcam"])))
     if report.get("training"):
         training = _table_html(pd.DataFrame([report["training"]]), "training-summary")
-        sections.append(
-            _section("Training", training, _figure_html("training_curves", plots["training_curves"]))
-        )
+        sections.append(_section("Training", training, _figure_html("training_curves", plots["training_curves"])))
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>agepipe evaluation</title><style>{STYLE}</style></head><body>"
@@ -592,15 +574,11 @@ def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
 # --- the job ---
 
 
-def build_plots(
-    faces: pd.DataFrame, metrics: dict[str, Any] | None, settings: EvaluateSettings
-) -> dict[str, bytes]:
+def build_plots(faces: pd.DataFrame, metrics: dict[str, Any] | None, settings: EvaluateSettings) -> dict[str, bytes]:
     """The PNG plots that the data supports, by name."""
     plots: dict[str, bytes] = {}
     if metrics and metrics["age"]["faces"]:
-        plots["predicted_vs_actual"] = plot_predicted_vs_actual(
-            faces, settings.max_scatter_points, settings.seed
-        )
+        plots["predicted_vs_actual"] = plot_predicted_vs_actual(faces, settings.max_scatter_points, settings.seed)
         plots["error_histogram"] = plot_error_histogram(faces)
         tables = {name.replace("_", " "): mae_by(faces, column) for name, column in GROUPINGS.items()}
         plots["mae_by_group"] = plot_mae_by_group(tables)
@@ -623,9 +601,7 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         raise ValueError("evaluate needs --predictions and --output")
     predictions = with_labels(read_predictions(settings.predictions), settings.labels)
     faces = scored_faces(predictions)
-    has_labels = any(
-        column in faces and faces[column].notna().any() for column in ("label_age", "label_age_group")
-    )
+    has_labels = any(column in faces and faces[column].notna().any() for column in ("label_age", "label_age_group"))
     metrics = metrics_summary(faces) if has_labels else None
     plots = build_plots(faces, metrics, settings)
     run_metrics = read_run_metrics(settings.run) if settings.run else None

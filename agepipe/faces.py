@@ -118,12 +118,9 @@ class YuNet:
         del device
         if not weights:
             raise ValueError(
-                "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx "
-                "(OpenCV model zoo)"
+                "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx (OpenCV model zoo)"
             )
-        self._model = cv2.FaceDetectorYN.create(
-            storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000
-        )
+        self._model = cv2.FaceDetectorYN.create(storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         return [self._detect_one(image) for image in images]
@@ -132,9 +129,7 @@ class YuNet:
         height, width = image.shape[:2]
         small, factor = _scale_to(image, self.max_side)
         pad = int(round(max(small.shape[:2]) * self.pad_fraction))
-        bgr = cv2.copyMakeBorder(
-            np.ascontiguousarray(small[:, :, ::-1]), pad, pad, pad, pad, cv2.BORDER_CONSTANT
-        )
+        bgr = cv2.copyMakeBorder(np.ascontiguousarray(small[:, :, ::-1]), pad, pad, pad, pad, cv2.BORDER_CONSTANT)
         self._model.setInputSize((bgr.shape[1], bgr.shape[0]))
         _, found = self._model.detect(bgr)
         faces = []
@@ -216,9 +211,7 @@ class Yolo:
         return out
 
 
-def square_crop_box(
-    box: Sequence[float], margin: float, width: int, height: int
-) -> tuple[int, int, int, int]:
+def square_crop_box(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
     """A square around `box` grown by `margin` of its size on each side, moved and shrunk to fit."""
     x1, y1, x2, y2 = box
     side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)

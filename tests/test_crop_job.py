@@ -104,9 +104,7 @@ def _bad_input_folder(root: Path) -> set[str]:
     (root / "labels.csv").write_text("path,age\n")
     (root / "folder.jpg").mkdir()
     photo.save(root / "folder.jpg" / "inside.png")
-    return {
-        str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt" and p.suffix != ".csv"
-    }
+    return {str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt" and p.suffix != ".csv"}
 
 
 def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> None:
@@ -119,8 +117,7 @@ def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> No
     assert set(frame["path"]) == expected
     assert frame.groupby("path").size().max() == 1
     errors = {
-        Path(p).name: e if isinstance(e, str) else None
-        for p, e in zip(frame["path"], frame["error"], strict=True)
+        Path(p).name: e if isinstance(e, str) else None for p, e in zip(frame["path"], frame["error"], strict=True)
     }
     assert errors["empty.jpg"] == "empty"
     assert errors["truncated.jpg"] == "truncated"
@@ -146,32 +143,8 @@ def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> No
 def test_job_that_cannot_run_exits_nonzero_with_a_message(tmp_path) -> None:
     result = agepipe_cli("crop", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
     assert result.returncode != 0 and "does not exist" in result.stderr
-    result = agepipe_cli(
-        "crop", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--detector", "yunet"
-    )
+    result = agepipe_cli("crop", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--detector", "yunet")
     assert result.returncode != 0 and "detector-weights" in result.stderr
-
-
-@pytest.fixture()
-def s3_server():
-    """A real S3 API (moto in server mode) on 127.0.0.1, started and stopped by the test."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    yield env
-    server.stop()
 
 
 def test_s3_input_and_output(s3_server, utk_sample, yunet_weights) -> None:
@@ -208,8 +181,7 @@ def test_s3_input_and_output(s3_server, utk_sample, yunet_weights) -> None:
     parquet_keys = [k for k in keys if k.endswith(".parquet")]
     assert parquet_keys
     frames = [
-        pd.read_parquet(io.BytesIO(client.get_object(Bucket="photos", Key=k)["Body"].read()))
-        for k in parquet_keys
+        pd.read_parquet(io.BytesIO(client.get_object(Bucket="photos", Key=k)["Body"].read())) for k in parquet_keys
     ]
     frame = pd.concat(frames)
     assert set(frame["path"]) == {f"s3://photos/raw/batch1/{n}" for n in names}

@@ -161,9 +161,7 @@ def test_labels_from_paths_are_capped_and_grouped() -> None:
     assert list(labeled["label_age"][:2]) == [100.0, 9.0] and np.isnan(labeled["label_age"][2])
     assert list(labeled["label_gender"][:2]) == ["male", "female"]
     assert list(labeled["label_race"][:2]) == ["White", "Asian"]
-    assert list(labeled["label_age_group"][:2]) == ["Senior", "Child"] and pd.isna(
-        labeled["label_age_group"][2]
-    )
+    assert list(labeled["label_age_group"][:2]) == ["Senior", "Child"] and pd.isna(labeled["label_age_group"][2])
 
 
 def test_age_groups_are_completed_from_scoring_label_ages() -> None:
@@ -179,9 +177,7 @@ def test_common_root_is_the_deepest_shared_folder() -> None:
 
 
 def test_read_predictions_unifies_files_and_skips_bookkeeping(tmp_path) -> None:
-    pq.write_table(
-        pa.table({"path": ["a"], "face_index": [0], "label_age": pa.nulls(1)}), tmp_path / "1.parquet"
-    )
+    pq.write_table(pa.table({"path": ["a"], "face_index": [0], "label_age": pa.nulls(1)}), tmp_path / "1.parquet")
     pq.write_table(pa.table({"path": ["b"], "face_index": [0], "label_age": [30.0]}), tmp_path / "2.parquet")
     (tmp_path / "_staging").mkdir()
     (tmp_path / "_staging" / "3.parquet").write_bytes(b"half-written")
@@ -250,9 +246,7 @@ def scored(utkface_dir, model_path, tmp_path_factory) -> dict:
     rows = []
     for start in range(0, len(paths), 50):
         batch = paths[start : start + 50]
-        for path, faces in zip(
-            batch, predictor.predict_images([Path(p).read_bytes() for p in batch]), strict=True
-        ):
+        for path, faces in zip(batch, predictor.predict_images([Path(p).read_bytes() for p in batch]), strict=True):
             rows += [{"path": path, **{c: face.get(c) for c in PREDICTION_COLUMNS}} for face in faces]
     no_face = {c: None for c in PREDICTION_COLUMNS} | {"num_faces": 0, "error": "no_face"}
     rows.append({"path": str(root / "landscape.jpg"), **no_face})
@@ -349,9 +343,7 @@ def test_cli_uses_the_scoring_jobs_label_columns(scored, evaluated, tmp_path) ->
         rows.append(row | {"label_age": label_age, "label_gender": labels.get("gender")})
     predictions = write_predictions(rows, tmp_path / "predictions", files=3)
     output = tmp_path / "report"
-    status = agepipe_main(
-        ["evaluate", "--predictions", predictions, "--output", str(output), "--gradcam-faces", "0"]
-    )
+    status = agepipe_main(["evaluate", "--predictions", predictions, "--output", str(output), "--gradcam-faces", "0"])
     assert status == 0
     written = json.loads((output / "metrics.json").read_text())
     assert written["metrics"]["age"]["mae"] == pytest.approx(evaluated["metrics"]["age"]["mae"], rel=1e-5)
@@ -361,40 +353,14 @@ def test_cli_uses_the_scoring_jobs_label_columns(scored, evaluated, tmp_path) ->
 
 
 def test_cli_fails_cleanly_without_predictions(tmp_path, capsys) -> None:
-    status = agepipe_main(
-        ["evaluate", "--predictions", str(tmp_path / "none"), "--output", str(tmp_path / "r")]
-    )
+    status = agepipe_main(["evaluate", "--predictions", str(tmp_path / "none"), "--output", str(tmp_path / "r")])
     assert status == 2 and "do not exist" in capsys.readouterr().err
 
 
-@pytest.fixture()
-def s3_endpoint(monkeypatch):
-    """A real S3 API (moto in server mode) on 127.0.0.1, pointed at through the environment."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    yield endpoint
-    server.stop()
-
-
-def test_s3_predictions_in_and_report_out(scored, evaluated, s3_endpoint) -> None:
+def test_s3_predictions_in_and_report_out(scored, evaluated, s3_server) -> None:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     client.create_bucket(Bucket="scores")
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(scored["rows"]), buffer)
@@ -416,9 +382,7 @@ def test_s3_predictions_in_and_report_out(scored, evaluated, s3_endpoint) -> Non
 # --- the report in a browser ---
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.is_file(), reason=f"Chromium not installed at {CHROMIUM} (apt-get install chromium)"
-)
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Chromium not installed at {CHROMIUM} (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(evaluated) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -433,8 +397,6 @@ def test_report_renders_in_headless_chromium(evaluated) -> None:
             mae_table = page.inner_text("#mae-overall")
         finally:
             browser.close()
-    assert sorted(alt for alt, _, _ in images) == sorted(
-        name.removesuffix(".png") for name in evaluated["plots"]
-    )
+    assert sorted(alt for alt, _, _ in images) == sorted(name.removesuffix(".png") for name in evaluated["plots"])
     assert all(complete and width > 0 for _, complete, width in images), images
     assert f"{evaluated['metrics']['age']['mae']:.2f}" in mae_table

@@ -48,9 +48,7 @@ def test_configurable_groups_and_age_cap() -> None:
 
 def test_table_of_paths_ages_and_genders(tmp_path) -> None:
     table = tmp_path / "labels.csv"
-    pd.DataFrame({"path": ["sub/a.jpg", "b.jpg"], "age": [31, "n/a"], "gender": ["F", 0]}).to_csv(
-        table, index=False
-    )
+    pd.DataFrame({"path": ["sub/a.jpg", "b.jpg"], "age": [31, "n/a"], "gender": ["F", 0]}).to_csv(table, index=False)
     lookup = label_source(LabelSettings(kind=str(table)), "/data/in")
     assert lookup("/data/in/sub/a.jpg") == {"age": 31.0, "gender": "female"}
     assert lookup("/data/in/b.jpg") == {"age": None, "gender": "male"}

@@ -231,9 +231,7 @@ def test_predict_raw_body_answers_the_contract(server, face_paths):
 def test_multipart_upload_gives_the_same_answer_as_the_raw_body(server, face_paths):
     data = face_paths[1].read_bytes()
     raw = post_image(server.url + "predict", data).json()
-    form = requests.post(
-        server.url + "predict", files={"file": ("face.jpg", data, "image/jpeg")}, timeout=TIMEOUT_S
-    )
+    form = requests.post(server.url + "predict", files={"file": ("face.jpg", data, "image/jpeg")}, timeout=TIMEOUT_S)
     assert form.status_code == 200
     assert form.json()["faces"][0]["age"] == pytest.approx(raw["faces"][0]["age"], abs=0.05)
 

@@ -24,9 +24,7 @@ from agepipe.train import balancing_weights, stratified_split, usable_rows
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        {"path": [f"img{i}.jpg" for i in range(n)], "age": rng.integers(0, 90, n).astype(float)}
-    )
+    return pd.DataFrame({"path": [f"img{i}.jpg" for i in range(n)], "age": rng.integers(0, 90, n).astype(float)})
 
 
 def test_split_is_deterministic_stratified_and_by_image() -> None:
@@ -86,9 +84,7 @@ def small_faces(utkface_dir, tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agepipe.cli", *args], capture_output=True, text=True, timeout=900
-    )
+    return subprocess.run([sys.executable, "-m", "agepipe.cli", *args], capture_output=True, text=True, timeout=900)
 
 
 TINY_RUN = (
