@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from agepipe import config
 from agepipe.storage import StorageError
@@ -246,19 +245,32 @@ def run_serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint to export (path or URI)")
+    parser.add_argument("--output", required=True, help="where to write the shareable checkpoint")
+    parser.add_argument("--full-precision", action="store_true", help="keep float32 weights (default fp16)")
+
+
+@command("export", add_export_arguments)
+def run_export_command(args: argparse.Namespace) -> int:
+    from agepipe.model import export_for_sharing
+
+    crop = export_for_sharing(args.model, args.output, half=not args.full_precision)
+    print(f"export: wrote {args.output} (crop settings {crop})")
+    return 0
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="out/demo", help="folder for the demo's photos and results")
 
 
 @command("demo", add_demo_arguments)
 def run_demo_command(args: argparse.Namespace) -> int:
-    from agepipe.crop import run_crop
-    from agepipe.samples import write_sample_photos
+    from agepipe.demo import run_demo
 
-    photos = write_sample_photos(Path(args.output) / "photos")
-    settings = config.load(config.CropJobSettings, args.config, input=str(photos), output=f"{args.output}/faces")
-    summary = run_crop(settings)
-    print(summary.render("crop"))
+    result = run_demo(args.output)
+    print(result["summary"].render("score"))
+    print(f"report: {result['report']}")
     return 0
 
 

@@ -220,7 +220,7 @@ class ServeSettings:
     flip_tta: bool = True
     max_body_bytes: int = 10 * 1024 * 1024
     batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.02
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 8.0

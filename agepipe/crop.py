@@ -271,7 +271,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
                 "input_root": settings.input,
             },
             batch_size=settings.batch_size,
-            concurrency=worker_count(settings.concurrency),
+            compute=ray.data.ActorPoolStrategy(size=worker_count(settings.concurrency)),
             num_cpus=1,
             batch_format="numpy",
         )

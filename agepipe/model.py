@@ -189,3 +189,16 @@ def load_checkpoint(uri: str) -> tuple[AgeModel, CropSettings, dict]:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.eval()
     return model, from_dict(CropSettings, checkpoint["crop"]), checkpoint
+
+
+def export_for_sharing(source: str, target: str, half: bool = True) -> dict:
+    """Copy a checkpoint for other machines: fp16 weights, and the detector weights recorded by
+    file name only (a local path from the training machine means nothing elsewhere)."""
+    checkpoint = torch.load(io.BytesIO(storage.read_bytes(source)), map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source} is not an agepipe checkpoint")
+    weights = checkpoint["crop"].get("detector_weights")
+    if weights and not storage.is_remote(weights):
+        checkpoint["crop"]["detector_weights"] = weights.replace("\\", "/").rsplit("/", 1)[-1]
+    save_checkpoint(checkpoint, target, half=half)
+    return checkpoint["crop"]

@@ -186,14 +186,14 @@ def run_score(settings: ScoreSettings) -> JobSummary:
                 CropStageWorker,
                 fn_constructor_kwargs={"settings": settings},
                 batch_size=settings.batch_size,
-                concurrency=worker_count(settings.concurrency),
+                compute=ray.data.ActorPoolStrategy(size=worker_count(settings.concurrency)),
                 num_cpus=1,
                 batch_format="numpy",
             ).map_batches(
                 ModelStageWorker,
                 fn_constructor_kwargs={"settings": settings},
                 batch_size=settings.batch_size,
-                concurrency=max(1, int(gpus / settings.gpu_fraction)),
+                compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus / settings.gpu_fraction))),
                 num_gpus=settings.gpu_fraction,
                 batch_format="pyarrow",
             )
@@ -203,7 +203,7 @@ def run_score(settings: ScoreSettings) -> JobSummary:
                 ScoreWorker,
                 fn_constructor_kwargs={"settings": settings, "threads": max(1, cpus // actors)},
                 batch_size=settings.batch_size,
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
                 batch_format="numpy",
             )

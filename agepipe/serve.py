@@ -14,6 +14,7 @@ requests that arrived together. The request parsing and response shaping are pla
 import asyncio
 import dataclasses
 import io
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +182,11 @@ def split_by_counts(items: Sequence[T], counts: Sequence[int]) -> list[list[T]]:
     return parts
 
 
+def batch_wait_s(requests_at_model: int, busy_wait_s: float) -> float:
+    """How long a new batch waits to fill: not at all when no other request is at the model."""
+    return busy_wait_s if requests_at_model > 0 else 0.0
+
+
 def replica_resources(settings: ServeSettings, cluster_gpus: float) -> dict[str, float]:
     """Ray resources of one replica: a GPU fraction only where the cluster has GPUs."""
     resources = {"num_cpus": settings.num_cpus}
@@ -248,7 +254,7 @@ class AgeService:
         self.detect_thread = ThreadPoolExecutor(1, thread_name_prefix="detect")
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.predict_faces.set_max_batch_size(settings.batch_size)
-        self.predict_faces.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.requests_at_model = 0
         self.page = (STATIC_DIR / "index.html").read_text()
         self.started = time.time()
         # Load the detector and run the model once so that the first request is not the slow one.
@@ -267,9 +273,20 @@ class AgeService:
         data = upload_bytes(body, request.headers.get("content-type"))
         return await self._in_thread(self.detect_thread, self._decode_and_crop, data)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predictions(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
+        """This request's predictions, from a forward pass shared with the requests batched with it."""
+        # Waiting for a batch to fill only pays while the model is busy: an idle model starts at once.
+        wait_s = batch_wait_s(self.requests_at_model, self.settings.batch_wait_timeout_s)
+        self.predict_faces.set_batch_wait_timeout_s(wait_s)
+        self.requests_at_model += 1
+        try:
+            return await self.predict_faces(crops)
+        finally:
+            self.requests_at_model -= 1
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def predict_faces(self, crops_per_request: list[list[np.ndarray]]) -> list[list[dict]]:
-        """One forward pass for the faces of every request in the batch (sizes set in __init__)."""
+        """One forward pass for the faces of every request in the batch (size and wait set per request)."""
         crops = [crop for request_crops in crops_per_request for crop in request_crops]
         predictions = await self._in_thread(self.model_thread, self.predictor.predict_crops, crops)
         return split_by_counts(predictions, [len(request_crops) for request_crops in crops_per_request])
@@ -293,7 +310,7 @@ class AgeService:
     async def predict(self, request: Request) -> dict[str, Any]:
         rows = await self._faces_of_upload(request)
         crops = [row["crop"] for row in face_rows(rows)]
-        predictions = await self.predict_faces(crops) if crops else []
+        predictions = await self.predictions(crops) if crops else []
         return predict_response(rows, predictions)
 
     @app.post("/explain")
@@ -340,9 +357,10 @@ def stop_server() -> None:
 
 
 def run_server(settings: ServeSettings) -> None:
-    """Serve until interrupted (Ctrl-C), printing the URL once the model is loaded."""
+    """Serve until Ctrl-C or SIGTERM, printing the URL once the model is loaded."""
     url = start_server(settings)
-    print(f"agepipe serve: listening on {url} (upload page), POST {url}predict; Ctrl-C stops")
+    print(f"agepipe serve: listening on {url} (upload page), POST {url}predict; Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         while True:
             time.sleep(1)
@@ -350,3 +368,8 @@ def run_server(settings: ServeSettings) -> None:
         pass
     finally:
         stop_server()
+
+
+def stop_on_signal(signum: int, _frame: Any) -> None:
+    """Process managers stop services with SIGTERM: shut Serve down as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)

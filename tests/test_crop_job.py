@@ -5,30 +5,19 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import BAD_INPUT_ERRORS, bad_input_folder, run_cli
 from PIL import Image
 
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings
 from agepipe.crop import run_crop
 
 CONTRACT_COLUMNS = {"path", "face_index", "x1", "y1", "x2", "y2", "image", "age", "gender", "error"}
-
-
-def agepipe_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agepipe.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,40 +67,11 @@ def test_crop_utkface_on_local_ray(ray_local, utk_sample, yunet_weights, tmp_pat
         run_crop(settings)
 
 
-def _bad_input_folder(root: Path) -> set[str]:
-    """Every kind of bad input beside good images; returns the image files' paths."""
-    from skimage import data
-
-    photo = Image.fromarray(data.astronaut())
-    photo.save(root / "good.jpg")
-    photo.save(root / "UPPER.JPEG")
-    photo.convert("CMYK").save(root / "cmyk.jpg")
-    photo.convert("RGBA").save(root / "rgba.png")
-    photo.convert("L").save(root / "gray.webp")
-    photo.save(root / "bitmap.bmp")
-    Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257).save(root / "deep16.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored sideways; upright (and so detectable) only once EXIF is applied
-    photo.rotate(90).save(root / "rotated.jpg", exif=exif.tobytes())
-    Image.fromarray(data.coffee()).save(root / "no_face.jpg")
-    (root / "empty.jpg").write_bytes(b"")
-    full = (root / "good.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
-    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
-    (root / "text.jpg").write_text("this is not an image")
-    Image.new("1", (12_000, 12_000)).save(root / "bomb.png")
-    (root / "notes.txt").write_text("stray file")
-    (root / "labels.csv").write_text("path,age\n")
-    (root / "folder.jpg").mkdir()
-    photo.save(root / "folder.jpg" / "inside.png")
-    return {str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt" and p.suffix != ".csv"}
-
-
 def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> None:
     images_dir = tmp_path / "in"
     images_dir.mkdir()
-    expected = _bad_input_folder(images_dir)
-    result = agepipe_cli("crop", "--input", str(images_dir), "--output", str(tmp_path / "out"))
+    expected = bad_input_folder(images_dir)
+    result = run_cli("crop", "--input", str(images_dir), "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
     frame = pq.read_table(tmp_path / "out").to_pandas()
     assert set(frame["path"]) == expected
@@ -119,31 +79,17 @@ def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> No
     errors = {
         Path(p).name: e if isinstance(e, str) else None for p, e in zip(frame["path"], frame["error"], strict=True)
     }
-    assert errors["empty.jpg"] == "empty"
-    assert errors["truncated.jpg"] == "truncated"
-    assert errors["corrupt.png"] == "corrupt"
-    assert errors["text.jpg"] == "not_image"
-    assert errors["bomb.png"] == "too_large"
-    assert errors["no_face.jpg"] == "no_face"
-    for readable in (
-        "good.jpg",
-        "UPPER.JPEG",
-        "cmyk.jpg",
-        "rgba.png",
-        "gray.webp",
-        "bitmap.bmp",
-        "inside.png",
-    ):
-        assert errors[readable] is None, readable
-    assert errors["rotated.jpg"] is None
+    for name, reason in BAD_INPUT_ERRORS.items():
+        assert errors.pop(name) == reason, name
+    assert all(error is None for error in errors.values()), errors
     assert "2 non-image files skipped" in result.stdout
     assert "errors: corrupt=1, empty=1, not_image=1, too_large=1, truncated=1" in result.stdout
 
 
 def test_job_that_cannot_run_exits_nonzero_with_a_message(tmp_path) -> None:
-    result = agepipe_cli("crop", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
+    result = run_cli("crop", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
     assert result.returncode != 0 and "does not exist" in result.stderr
-    result = agepipe_cli("crop", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--detector", "yunet")
+    result = run_cli("crop", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--detector", "yunet")
     assert result.returncode != 0 and "detector-weights" in result.stderr
 
 
@@ -162,7 +108,7 @@ def test_s3_input_and_output(s3_server, utk_sample, yunet_weights) -> None:
     for name in names:
         client.upload_file(str(utk_sample / name), "photos", f"raw/batch1/{name}")
     client.put_object(Bucket="photos", Key="raw/README.md", Body=b"not an image")
-    result = agepipe_cli(
+    result = run_cli(
         "crop",
         "--input",
         "s3://photos/raw/",

@@ -23,6 +23,7 @@ from agepipe.samples import compose_scene
 from agepipe.serve import (
     RequestError,
     autoscaling_config,
+    batch_wait_s,
     check_content_length,
     largest_face,
     multipart_file,
@@ -120,6 +121,11 @@ def test_split_by_counts_restores_each_requests_predictions_in_order():
     assert split_by_counts([1, 2, 3, 4, 5], [2, 0, 3]) == [[1, 2], [], [3, 4, 5]]
     with pytest.raises(ValueError):
         split_by_counts([1, 2], [3])
+
+
+def test_batches_wait_to_fill_only_while_other_requests_are_at_the_model():
+    assert batch_wait_s(0, busy_wait_s=0.02) == 0.0
+    assert batch_wait_s(3, busy_wait_s=0.02) == 0.02
 
 
 def test_replica_takes_a_gpu_fraction_only_where_the_cluster_has_gpus():

@@ -15,6 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from helpers import run_cli
 
 from agepipe.config import AgeGroups
 from agepipe.labels import group_index
@@ -66,7 +67,7 @@ def small_faces(utkface_dir, tmp_path_factory) -> Path:
     images.mkdir()
     for name in sorted(os.listdir(utkface_dir))[::89][:240]:
         shutil.copy(utkface_dir / name, images / name)
-    result = _cli(
+    result = run_cli(
         "crop",
         "--input",
         str(images),
@@ -83,10 +84,6 @@ def small_faces(utkface_dir, tmp_path_factory) -> Path:
     return root / "faces"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agepipe.cli", *args], capture_output=True, text=True, timeout=900)
-
-
 TINY_RUN = (
     "--image-size",
     "64",
@@ -101,7 +98,7 @@ TINY_RUN = (
 
 def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_path) -> None:
     output = tmp_path / "run"
-    result = _cli(
+    result = run_cli(
         "train",
         "--data",
         str(small_faces),
@@ -194,7 +191,7 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
             first.wait()
     interrupted_at = len(pd.read_csv(output / "metrics.csv")) if (output / "metrics.csv").exists() else None
     assert interrupted_at is None, "the first run should not have finished"
-    second = _cli(*command)  # the same command again resumes from the storage path
+    second = run_cli(*command)  # the same command again resumes from the storage path
     assert second.returncode == 0, second.stderr[-3000:]
     metrics = pd.read_csv(output / "metrics.csv")
     assert list(metrics["epoch"]) == list(range(6)), "epochs were lost or repeated"

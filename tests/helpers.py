@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: the agepipe command in a subprocess, a folder of bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`agepipe ARGS...` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "agepipe.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+# What the bad-input folder's files must come out as (None: decoded and a face found).
+BAD_INPUT_ERRORS = {
+    "empty.jpg": "empty",
+    "truncated.jpg": "truncated",
+    "corrupt.png": "corrupt",
+    "text.jpg": "not_image",
+    "bomb.png": "too_large",
+    "no_face.jpg": "no_face",
+}
+
+
+def bad_input_folder(root: Path) -> set[str]:
+    """Every kind of bad input beside good images; returns the image files' paths."""
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut())
+    photo.save(root / "good.jpg")
+    photo.save(root / "UPPER.JPEG")
+    photo.convert("CMYK").save(root / "cmyk.jpg")
+    photo.convert("RGBA").save(root / "rgba.png")
+    photo.convert("L").save(root / "gray.webp")
+    photo.save(root / "bitmap.bmp")
+    Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257).save(root / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways; upright (and so detectable) only once EXIF is applied
+    photo.rotate(90).save(root / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(data.coffee()).save(root / "no_face.jpg")
+    (root / "empty.jpg").write_bytes(b"")
+    full = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    (root / "text.jpg").write_text("this is not an image")
+    Image.new("1", (12_000, 12_000)).save(root / "bomb.png")
+    (root / "notes.txt").write_text("stray file")
+    (root / "labels.csv").write_text("path,age\n")
+    (root / "folder.jpg").mkdir()
+    photo.save(root / "folder.jpg" / "inside.png")
+    return {str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".txt" and p.suffix != ".csv"}

@@ -1,0 +1,187 @@
+"""The scoring job on local Ray: the model card's MAE, scenes, bad inputs, S3, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from helpers import BAD_INPUT_ERRORS, bad_input_folder, run_cli
+from PIL import Image
+
+from agepipe.config import LabelSettings, ScoreSettings
+from agepipe.images import decode
+from agepipe.predict import DEFAULT_MODEL
+from agepipe.samples import compose_scene
+from agepipe.score import run_score
+
+CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_group", "gender", "error"}
+CARD_METRICS = DEFAULT_MODEL.with_name("default_metrics.json")
+CARD_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
+
+
+def _link(files: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (folder / file.name).symlink_to(file)
+    return folder
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkface_dir, yunet_weights, tmp_path):
+    card = json.loads(CARD_METRICS.read_text())
+    split = pd.read_parquet(CARD_SPLIT)
+    names = split.loc[split["split"] == "test", "name"]
+    images = _link([utkface_dir / n for n in names], tmp_path / "test-split")
+    output = tmp_path / "scores"
+    summary = run_score(
+        ScoreSettings(
+            input=str(images),
+            output=str(output),
+            crop_overrides={"detector_weights": yunet_weights},
+            labels=LabelSettings(kind="utkface"),
+        )
+    )
+    frame = pq.read_table(output).to_pandas()
+    assert set(frame.columns) >= CONTRACT and summary.images_processed == len(names)
+    faces = frame[frame["face_index"].notna()]
+    mae = float((faces["age"] - faces["label_age"]).abs().mean())
+    assert abs(mae - card["test"]["age"]["mae"]) <= 0.3, (mae, card["test"]["age"]["mae"])
+    assert set(faces["gender"]) <= {"male", "female"}
+    assert set(faces["age_group"]) <= {"Child", "Youth", "Adult", "Middle Age", "Senior"}
+
+
+def test_scenes_with_several_faces_get_boxes_where_faces_were_pasted(ray_local, utkface_dir, yunet_weights, tmp_path):
+    rng = np.random.default_rng(11)
+    files = sorted(utkface_dir.iterdir())
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    pasted = {}
+    for index in range(12):
+        faces = [decode(files[i].read_bytes()) for i in rng.choice(len(files), 3, replace=False)]
+        scene, boxes = compose_scene(faces, (600, 800), rng, min_side=90)
+        path = folder / f"scene{index}.png"
+        Image.fromarray(scene).save(path)
+        pasted[str(path)] = boxes
+    output = tmp_path / "scores"
+    overrides = {"detector": "yunet", "detector_weights": yunet_weights, "all_faces": True}
+    run_score(ScoreSettings(input=str(folder), output=str(output), crop_overrides=overrides))
+    frame = pq.read_table(output).to_pandas()
+    matched = total = 0
+    for path, boxes in pasted.items():
+        rows = frame[(frame["path"] == path) & frame["face_index"].notna()]
+        assert sorted(rows["face_index"].astype(int)) == list(range(len(rows)))
+        for x1, y1, x2, y2 in boxes:
+            total += 1
+            center_x, center_y = (rows["x1"] + rows["x2"]) / 2, (rows["y1"] + rows["y2"]) / 2
+            inside = center_x.between(x1, x2) & center_y.between(y1, y2)
+            matched += bool(inside.any())
+        assert len(rows) <= len(boxes) + 1, "far more faces than were pasted"
+    assert matched / total >= 0.95, f"{matched} of {total} pasted faces scored where they were pasted"
+    assert frame["age"].dropna().between(0, 100).all()
+
+
+def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(model_path, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    expected = bad_input_folder(folder)
+    result = run_cli(
+        "score", "--input", str(folder), "--output", str(tmp_path / "out"), "--model", model_path, "--detector", "dlib"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pq.read_table(tmp_path / "out").to_pandas()
+    assert set(frame["path"]) == expected and not frame["path"].duplicated().any()
+    errors = {Path(p).name: _text(e) for p, e in zip(frame["path"], frame["error"], strict=True)}
+    for name, reason in BAD_INPUT_ERRORS.items():
+        assert errors.pop(name) == reason, name
+    assert all(error is None for error in errors.values()), errors
+    assert frame.loc[frame["error"].isna(), "age"].notna().all()
+
+
+def test_s3_input_and_output(s3_server, utkface_dir, model_path) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bucket")
+    names = sorted(os.listdir(utkface_dir))[::500][:30]
+    for name in names:
+        client.upload_file(str(utkface_dir / name), "bucket", f"new/{name}")
+    result = run_cli(
+        "score",
+        "--input",
+        "s3://bucket/new/",
+        "--output",
+        "s3://bucket/scores/",
+        "--model",
+        model_path,
+        "--detector",
+        "none",
+        "--labels",
+        "utkface",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="scores/")["Contents"]]
+    frame = pd.concat(
+        pd.read_parquet(io.BytesIO(client.get_object(Bucket="bucket", Key=k)["Body"].read()))
+        for k in keys
+        if k.endswith(".parquet")
+    )
+    assert sorted(frame["path"]) == sorted(f"s3://bucket/new/{n}" for n in names)
+    assert frame["age"].notna().all() and frame["label_age"].notna().all()
+
+
+def test_interrupted_run_resumed_gives_the_same_rows(model_path, utkface_dir, tmp_path) -> None:
+    images = _link(sorted(utkface_dir.iterdir())[::150][:120], tmp_path / "in")
+    config = tmp_path / "small_files.yaml"
+    config.write_text("rows_per_file: 10\nbatch_size: 8\n")
+    args = ["score", "--config", str(config), "--input", str(images), "--model", model_path, "--detector", "none"]
+    whole = run_cli(*args, "--output", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    resumed_out = tmp_path / "resumed"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "agepipe.cli", *args, "--output", str(resumed_out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while len(list(resumed_out.glob("*.parquet"))) < 2:
+        assert first.poll() is None and time.time() < deadline, "no output files before the run ended"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    partial = len(list(resumed_out.glob("*.parquet")))
+    again = run_cli(*args, "--output", str(resumed_out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already done" in again.stdout and partial < 12
+
+    def rows(folder: Path) -> pd.DataFrame:
+        frame = pq.read_table(folder).to_pandas()[["path", "face_index", "age", "gender", "age_group"]]
+        return frame.sort_values(["path", "face_index"]).reset_index(drop=True)
+
+    expected, actual = rows(tmp_path / "whole"), rows(resumed_out)
+    assert len(actual) == 120 and not actual.duplicated(["path", "face_index"]).any()
+    pd.testing.assert_frame_equal(expected.drop(columns="age"), actual.drop(columns="age"))
+    assert np.allclose(expected["age"], actual["age"], atol=1e-3)
+
+
+@pytest.mark.parametrize("bad_model", ["missing.pt", "not_a_checkpoint.pt"])
+def test_a_bad_model_stops_the_job_with_a_message(bad_model, tmp_path) -> None:
+    (tmp_path / "not_a_checkpoint.pt").write_bytes(b"nope")
+    result = run_cli(
+        "score", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", str(tmp_path / bad_model)
+    )
+    assert result.returncode != 0 and "error" in result.stderr
