@@ -80,7 +80,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     )
     tuner = tune.Tuner(
         # The trial function only drives its TorchTrainer; the workers hold the CPUs.
-        tune.with_resources(tune_trial, {"CPU": 0}),
+        tune.with_resources(tune_trial, {"CPU": 0.01}),
         param_space={**search_space(), "base": to_dict(base), "output": base.output},
         tune_config=tune.TuneConfig(
             metric="val_mae",

@@ -370,6 +370,10 @@ def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths):
             shown = page.inner_text("#faces li")
             assert page.is_visible("#canvas")
             assert '"faces"' in page.inner_text("#json")
+            page.click("#explain")
+            page.wait_for_function(
+                "document.getElementById('explain-image').naturalWidth > 0", timeout=TIMEOUT_S * 1000
+            )
         finally:
             browser.close()
     age, uncertainty = map(float, re.match(r"([\d.]+) ± ([\d.]+) years", shown).groups())

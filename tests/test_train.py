@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from agepipe.config import AgeGroups
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint
 from agepipe.train import balancing_weights, stratified_split, usable_rows
+from agepipe.tune import TUNED_FIELDS
 
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
@@ -196,3 +198,34 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
     metrics = pd.read_csv(output / "metrics.csv")
     assert list(metrics["epoch"]) == list(range(6)), "epochs were lost or repeated"
     assert "'epoch': 0," not in second.stdout + second.stderr, "the resumed run started over"
+
+
+def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, tmp_path) -> None:
+    output = tmp_path / "tune"
+    result = run_cli(
+        "tune",
+        "--data",
+        str(small_faces),
+        "--output",
+        str(output),
+        "--image-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "1",
+        "--phase1-epochs",
+        "1",
+        "--phase2-epochs",
+        "1",
+        "--num-samples",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = json.loads((output / "best_config.json").read_text())
+    assert set(best["config"]) == set(TUNED_FIELDS)
+    trials = pd.read_csv(output / "trials.csv")
+    assert len(trials) == 3 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
+    assert model.config.dense_units == best["config"]["dense_units"]
+    assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
