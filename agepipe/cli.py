@@ -35,8 +35,14 @@ def add_crop_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def crop_overrides(args: argparse.Namespace, prefix: str = "crop.") -> dict:
+    """The crop flags as dotted settings keys (None where a flag was not given)."""
     names = ("detector", "detector_weights", "min_score", "all_faces", "margin", "size")
     return {prefix + name: getattr(args, name) for name in names}
+
+
+def given_crop_overrides(args: argparse.Namespace) -> dict | None:
+    """Only the crop flags that were given, for a model's recorded crop settings; None if none were."""
+    return {k: v for k, v in crop_overrides(args, prefix="").items() if v is not None} or None
 
 
 def add_crop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +99,7 @@ def run_score_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         flip_tta=args.flip_tta,
-        crop_overrides={k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None} or None,
+        crop_overrides=given_crop_overrides(args),
         **{"labels.kind": args.labels},
     )
     summary = run_score(settings)
@@ -176,7 +182,6 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate_command(args: argparse.Namespace) -> int:
     from agepipe.evaluate import run_evaluate
 
-    overrides = {k: v for k, v in crop_overrides(args, prefix="").items() if v is not None}
     settings = config.load(
         config.EvaluateSettings,
         args.config,
@@ -186,7 +191,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         model=args.model,
         gradcam_faces=args.gradcam_faces,
         seed=args.seed,
-        crop_overrides=overrides or None,
+        crop_overrides=given_crop_overrides(args),
         **{"labels.kind": args.labels, "labels.max_age": args.max_age},
     )
     result = run_evaluate(settings)
@@ -240,7 +245,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         flip_tta=args.flip_tta,
     )
-    settings.crop_overrides.update({k.split(".", 1)[1]: v for k, v in crop_overrides(args).items() if v is not None})
+    settings.crop_overrides.update(given_crop_overrides(args) or {})
     run_server(settings)
     return 0
 

@@ -30,15 +30,18 @@ CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the network (and recorded in its checkpoint)."""
+    """Everything needed to rebuild the network, recorded in its checkpoint.
 
-    backbone: str = "efficientnet_lite0"
-    pretrained: str | None = "default"
-    age_head: str = "distribution"
-    max_age: int = 100
-    dense_units: int = 512
-    dropout: float = 0.3
-    image_size: int = 128
+    No defaults here: they live in `config.TrainSettings` (`train.model_config` builds this).
+    """
+
+    backbone: str
+    pretrained: str | None
+    age_head: str
+    max_age: int
+    dense_units: int
+    dropout: float
+    image_size: int
     groups: AgeGroups = field(default_factory=AgeGroups)
 
 

@@ -15,6 +15,8 @@ from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
 from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run
 
+# A trial function only drives its TorchTrainer; the workers hold the CPUs.
+TRIAL_DRIVER_CPUS = 0.01
 TUNED_FIELDS = (
     "phase1_lr",
     "phase2_lr",
@@ -72,6 +74,11 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = base.num_workers * (base.cpus_per_worker or 1)
     max_concurrent = settings.max_concurrent_trials or max(1, int(cluster_cpus // (per_trial + 1)))
+    if not base.cpus_per_worker:
+        # Trials share the cluster: one whole CPU stays free for Ray Data (its file listing takes
+        # a full CPU), the trial drivers hold a sliver each, the workers the rest.
+        spare = cluster_cpus - 1 - TRIAL_DRIVER_CPUS * max_concurrent
+        base = dataclasses.replace(base, cpus_per_worker=max(0.25, spare / (max_concurrent * base.num_workers)))
     fs, path = storage.resolve(base.output)
     scheduler = ASHAScheduler(
         max_t=base.phase1_epochs + base.phase2_epochs,
@@ -79,8 +86,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
         reduction_factor=settings.reduction_factor,
     )
     tuner = tune.Tuner(
-        # The trial function only drives its TorchTrainer; the workers hold the CPUs.
-        tune.with_resources(tune_trial, {"CPU": 0.01}),
+        tune.with_resources(tune_trial, {"CPU": TRIAL_DRIVER_CPUS}),
         param_space={**search_space(), "base": to_dict(base), "output": base.output},
         tune_config=tune.TuneConfig(
             metric="val_mae",

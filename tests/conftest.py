@@ -71,3 +71,32 @@ def s3_server(monkeypatch) -> dict[str, str]:
         monkeypatch.setenv(name, value)
     yield env
     server.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# No background networking: this machine's closed network refuses Chromium's own connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture()
+def browser_page():
+    """A page in Debian's headless Chromium driven by Playwright (skips where Chromium is absent)."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (make browser, or apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()

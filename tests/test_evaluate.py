@@ -18,17 +18,6 @@ from agepipe.cli import main as agepipe_main
 from agepipe.config import EvaluateSettings, LabelSettings
 from agepipe.labels import parse_utkface
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 FACES = 200
 GRADCAM_FACES = 4
 PREDICTION_COLUMNS = (
@@ -382,21 +371,12 @@ def test_s3_predictions_in_and_report_out(scored, evaluated, s3_server) -> None:
 # --- the report in a browser ---
 
 
-@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Chromium not installed at {CHROMIUM} (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(evaluated) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(Path(evaluated["report"]).as_uri())
-            images = page.evaluate(
-                "() => [...document.querySelectorAll('img')].map(i => [i.alt, i.complete, i.naturalWidth])"
-            )
-            mae_table = page.inner_text("#mae-overall")
-        finally:
-            browser.close()
+def test_report_renders_in_headless_chromium(evaluated, browser_page) -> None:
+    browser_page.goto(Path(evaluated["report"]).as_uri())
+    images = browser_page.evaluate(
+        "() => [...document.querySelectorAll('img')].map(i => [i.alt, i.complete, i.naturalWidth])"
+    )
+    mae_table = browser_page.inner_text("#mae-overall")
     assert sorted(alt for alt, _, _ in images) == sorted(name.removesuffix(".png") for name in evaluated["plots"])
     assert all(complete and width > 0 for _, complete, width in images), images
     assert f"{evaluated['metrics']['age']['mae']:.2f}" in mae_table

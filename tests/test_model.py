@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from agepipe.config import CropSettings
+from agepipe.config import CropSettings, TrainSettings
 from agepipe.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AgeModel,
-    ModelConfig,
     backbone_stages,
     checkpoint_dict,
     create_backbone,
@@ -21,6 +20,7 @@ from agepipe.model import (
     save_checkpoint,
     set_train_mode,
 )
+from agepipe.train import model_config
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -46,7 +46,7 @@ def test_offline_efficientnet_lite0_weights_recognise_a_cat() -> None:
 
 @pytest.fixture(scope="module")
 def model() -> AgeModel:
-    return AgeModel(ModelConfig(), backbone_weights=False)
+    return AgeModel(model_config(TrainSettings()), backbone_weights=False)
 
 
 def _trainable(module: nn.Module) -> set[str]:
@@ -82,7 +82,7 @@ def test_age_estimates_stay_in_range(model: AgeModel) -> None:
     logits = torch.randn(4, 101) * 5
     age, spread = model.age_estimate(logits)
     assert ((age >= 0) & (age <= 100)).all() and (spread > 0).all()
-    regression = AgeModel(ModelConfig(age_head="regression"), backbone_weights=False)
+    regression = AgeModel(model_config(TrainSettings(age_head="regression")), backbone_weights=False)
     age, spread = regression.age_estimate(torch.tensor([[-5.0], [50.0], [150.0]]))
     assert age.tolist() == [0.0, 50.0, 100.0] and spread is None
 

