@@ -10,6 +10,7 @@ epoch through Ray Train, so a dead worker or an interrupted run resumes.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -279,6 +280,10 @@ def train_loop_per_worker(config: dict) -> None:
         if phase == 2 and best["stale"] >= settings.patience:
             break
         if state is None or state.phase != phase:
+            # The previous phase's DDP wrapper must be gone before the next one hooks the same
+            # parameters, or its gradient hooks would still fire.
+            state = None
+            gc.collect()
             state = PhaseState(model, phase, settings)
             if resume.get("phase") == phase and "optimizer" in resume:
                 state.optimizer.load_state_dict(resume.pop("optimizer"))
