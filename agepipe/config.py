@@ -166,11 +166,11 @@ class TrainSettings:
     image_size: int = 128
     batch_size: int = 64
     phase1_epochs: int = 1
-    phase2_epochs: int = 7
+    phase2_epochs: int = 6
     phase1_lr: float = 3e-3
-    phase2_lr: float = 1e-3
+    phase2_lr: float = 5e-4
     weight_decay: float = 1e-4
-    unfreeze_stages: int = 9
+    unfreeze_stages: int = 6
     patience: int = 2
     lr_factor: float = 0.3
     lr_patience: int = 1
