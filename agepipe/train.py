@@ -444,7 +444,12 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
 
 
 def make_trainer(
-    settings: TrainSettings, plan: pd.DataFrame, storage_uri: str, name: str, callbacks: list | None = None
+    settings: TrainSettings,
+    plan: pd.DataFrame,
+    storage_uri: str,
+    name: str,
+    callbacks: list | None = None,
+    materialize: bool = False,
 ) -> Any:
     """The TorchTrainer for one run; re-made with the same storage and name, it resumes that run."""
     import ray
@@ -477,8 +482,9 @@ def make_trainer(
             callbacks=callbacks,
         ),
         datasets={
-            "train": split_dataset(settings, plan, "train", data_cpus),
-            "val": split_dataset(settings, plan, "val", data_cpus),
+            split: dataset.materialize() if materialize else dataset
+            for split in ("train", "val")
+            for dataset in [split_dataset(settings, plan, split, data_cpus)]
         },
     )
 

@@ -50,7 +50,11 @@ def trial_settings(base: TrainSettings, trial_config: dict[str, Any], output: st
 
 
 def tune_trial(trial_config: dict[str, Any]) -> None:
-    """Tune's function trainable: drive one TorchTrainer run and forward its reports to Tune."""
+    """Tune's function trainable: drive one TorchTrainer run and forward its reports to Tune.
+
+    Its datasets are materialized first: on a small machine a finished trial's streaming datasets
+    keep their share of Ray Data's CPU budget, and the next trial's reads would wait for it forever.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -59,8 +63,26 @@ def tune_trial(trial_config: dict[str, Any]) -> None:
     trial_output = storage.join(trial_config["output"], "trials", context.get_trial_id())
     settings = trial_settings(base, trial_config, trial_output)
     plan, _ = plan_dataset(settings)
-    trainer = make_trainer(settings, plan, trial_output, "ray_train", callbacks=[TuneReportCallback()])
+    trainer = make_trainer(
+        settings, plan, trial_output, "ray_train", callbacks=[TuneReportCallback()], materialize=True
+    )
     trainer.fit()
+
+
+def latest_trial_checkpoint(output: str, trial_id: str) -> Any:
+    """A trial's last Ray Train checkpoint (its `model.pt` holds the trial's best weights).
+
+    Tune gets only metrics from the trial's trainer; the checkpoints stay in the trial's storage.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, root = storage.resolve(storage.join(output, "trials", trial_id, "ray_train"))
+    entries = fs.get_file_info(pafs.FileSelector(root))
+    names = [i.path for i in entries if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    if not names:
+        raise RuntimeError(f"trial {trial_id} left no checkpoint under {root}")
+    return ray.train.Checkpoint(path=max(names), filesystem=fs)
 
 
 def run_tune(settings: TuneSettings) -> dict[str, Any]:
@@ -101,7 +123,9 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     best = results.get_best_result(metric="val_mae", mode="min", scope="all")
     best_config = {k: best.config[k] for k in TUNED_FIELDS}
     best_settings = trial_settings(base, best_config, base.output)
-    summary = export_checkpoint(best.checkpoint, best_settings, base.output)
+    summary = export_checkpoint(
+        latest_trial_checkpoint(base.output, best.metrics["trial_id"]), best_settings, base.output
+    )
     storage.write_bytes(
         storage.join(base.output, "best_config.json"),
         json.dumps({"config": best_config, "val_mae": summary["best_val_mae"]}, indent=2).encode(),
