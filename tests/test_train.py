@@ -219,13 +219,13 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, tmp_path
         "--phase2-epochs",
         "1",
         "--num-samples",
-        "3",
+        "2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = json.loads((output / "best_config.json").read_text())
     assert set(best["config"]) == set(TUNED_FIELDS)
     trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 3 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
     model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
     assert model.config.dense_units == best["config"]["dense_units"]
     assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
