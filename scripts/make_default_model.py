@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def main() -> None:
     minutes = ((run / "model.pt").stat().st_mtime - (run / "settings.json").stat().st_mtime) / 60
 
     report_dir = Path(args.report)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(report_dir, ignore_errors=True)  # scores of an earlier run would be resumed into, not replaced
+    report_dir.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as scratch:
         images = Path(scratch) / "test-split"
         images.mkdir()
@@ -137,21 +139,7 @@ def main() -> None:
         epochs=len(history),
         best_epoch=checkpoint["epoch"],
         val_mae=checkpoint["val_mae"],
-        history=history[
-            [
-                "epoch",
-                "phase",
-                "train_loss",
-                "val_loss",
-                "val_mae",
-                "val_group_accuracy",
-                "val_gender_accuracy",
-                "lr",
-                "train_images_per_s",
-            ]
-        ]
-        .round(4)
-        .to_markdown(index=False),
+        history=markdown(history[HISTORY_COLUMNS]),
         size_mb=os.path.getsize(DEFAULT_MODEL) / 2**20,
         splits=split["split"].value_counts().to_dict(),
     )
