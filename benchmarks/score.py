@@ -85,7 +85,7 @@ def held_out_faces(limit: int) -> tuple[list[Path], str]:
     folder = shared_data_dir() / "data" / "utkface"
     if DEFAULT_SPLIT.exists():
         split = pd.read_parquet(DEFAULT_SPLIT)
-        names = sorted(Path(p).name for p in split.loc[split["split"] == "test", "path"])[:limit]
+        names = sorted(split.loc[split["split"] == "test", "name"])[:limit]
         return [folder / n for n in names], "the default model's test split"
     return utkface_files(limit), "a spread sample (no split file found: the model may have trained on them)"
 
