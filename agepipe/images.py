@@ -9,6 +9,7 @@ before decoding their pixels.
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 import numpy as np
@@ -29,6 +30,15 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def pil_open():
+    """PIL's own `Image.open`. Importing ultralytics replaces it with a wrapper that, on bytes PIL cannot
+    identify, tries to pip-install pi-heif (and raises ModuleNotFoundError offline) instead of failing."""
+    opener = Image.open
+    if opener.__module__ != Image.__name__:
+        opener = getattr(sys.modules.get(opener.__module__), "_image_open", opener)
+    return opener
+
+
 def decode(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     """RGB uint8 array (H, W, 3) from encoded bytes; raises ImageError."""
     if not data:
@@ -36,7 +46,7 @@ def decode(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = pil_open()(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")

@@ -89,3 +89,11 @@ def test_encode_keeps_uint8_pixels_and_refuses_floats() -> None:
     assert np.abs(decode(encode(face, "jpeg")).astype(int) - face).mean() < 12
     with pytest.raises(TypeError):
         encode(face.astype(np.float32) / 255.0)
+
+
+def test_decoding_stays_safe_after_ultralytics_patches_pil() -> None:
+    import ultralytics.utils.patches  # noqa: F401  (replaces PIL.Image.open on import)
+
+    with pytest.raises(ImageError) as error:
+        decode(b"plain text, not an image")
+    assert error.value.reason == "not_image"
