@@ -89,7 +89,7 @@ def crop_rows(
     rows = []
     for index, path in enumerate(paths):
         image_labels = labels_lib.finalize(label_fn(path), label_settings)
-        for face in per_path.get(index) or [_unreadable_row(detector.name)]:
+        for face in per_path.get(index) or [unreadable_row(detector.name)]:
             crop = face.pop("crop")
             image = None
             if crop is not None:
@@ -98,7 +98,8 @@ def crop_rows(
     return rows
 
 
-def _unreadable_row(detector_name: str) -> dict[str, Any]:
+def unreadable_row(detector_name: str) -> dict[str, Any]:
+    """The row for a file that could not be read at all (crop and scoring jobs)."""
     row = {f.name: None for f in FACE_FIELDS if f.name != "path"}
     row.update(num_faces=0, detector=detector_name, error="unreadable", crop=None)
     return row

@@ -24,6 +24,7 @@ from agepipe.crop import (
     read_payloads,
     rows_to_table,
     summarize_output,
+    unreadable_row,
     worker_count,
 )
 from agepipe.predict import Predictor
@@ -76,15 +77,9 @@ def crop_stage_rows(paths: list[str], predictor: Predictor) -> list[dict[str, An
     cropped = dict(zip(readable, predictor.crop_images([payloads[i] for i in readable]), strict=True))
     rows = []
     for index, path in enumerate(paths):
-        for face in cropped.get(index) or [_unreadable(predictor)]:
+        for face in cropped.get(index) or [unreadable_row(predictor.crop.detector)]:
             rows.append({"path": path, **face})
     return rows
-
-
-def _unreadable(predictor: Predictor) -> dict[str, Any]:
-    row: dict[str, Any] = {f.name: None for f in FACE_FIELDS if f.name != "path"}
-    row.update(num_faces=0, detector=predictor.crop.detector, error="unreadable", crop=None)
-    return row
 
 
 def score_rows(rows: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, Any]]:
