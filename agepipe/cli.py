@@ -119,6 +119,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase2-epochs", type=int)
     parser.add_argument("--phase1-lr", type=float)
     parser.add_argument("--phase2-lr", type=float)
+    parser.add_argument("--lr-schedule", choices=["cosine", "plateau"], help="per-phase learning-rate schedule")
     parser.add_argument("--unfreeze-stages", type=int, help="backbone stages trained in phase 2")
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
@@ -138,6 +139,7 @@ TRAIN_FLAGS = (
     "phase2_epochs",
     "phase1_lr",
     "phase2_lr",
+    "lr_schedule",
     "unfreeze_stages",
     "patience",
     "limit",

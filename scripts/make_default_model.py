@@ -156,6 +156,7 @@ SETTINGS_SHOWN = (
     "phase2_epochs",
     "phase1_lr",
     "phase2_lr",
+    "lr_schedule",
     "unfreeze_stages",
     "patience",
     "dense_units",
