@@ -83,6 +83,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="images per batch")
     parser.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU)")
     parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
     add_crop_settings(parser)
 
 
@@ -99,6 +100,7 @@ def run_score_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         flip_tta=args.flip_tta,
+        runtime=args.runtime,
         crop_overrides=given_crop_overrides(args),
         **{"labels.kind": args.labels},
     )
@@ -229,6 +231,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="most requests per batched forward pass")
     parser.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
     parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
     add_crop_settings(parser)
 
 
@@ -246,6 +249,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_replicas=args.max_replicas,
         flip_tta=args.flip_tta,
+        runtime=args.runtime,
     )
     settings.crop_overrides.update(given_crop_overrides(args) or {})
     run_server(settings)

@@ -149,6 +149,7 @@ class ScoreSettings:
     concurrency: int | None = None
     gpu_fraction: float = 0.25
     flip_tta: bool = True
+    runtime: str | None = None
     rows_per_file: int = 5000
 
 
@@ -219,6 +220,7 @@ class ServeSettings:
     model: str | None = None
     crop_overrides: dict[str, Any] = field(default_factory=lambda: {"all_faces": True})
     flip_tta: bool = True
+    runtime: str | None = None
     max_body_bytes: int = 10 * 1024 * 1024
     batch_size: int = 16
     batch_wait_timeout_s: float = 0.02

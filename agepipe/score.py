@@ -154,7 +154,12 @@ class ModelStageWorker(_LabelledOutput):
 def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predictor:
     overrides = {k: v for k, v in settings.crop_overrides.items() if v is not None}
     return Predictor(
-        settings.model, overrides, device=device, flip_tta=settings.flip_tta, batch_size=settings.batch_size
+        settings.model,
+        overrides,
+        device=device,
+        flip_tta=settings.flip_tta,
+        batch_size=settings.batch_size,
+        runtime=settings.runtime,
     )
 
 

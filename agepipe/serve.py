@@ -248,7 +248,9 @@ class AgeService:
         from agepipe.predict import Predictor
 
         self.settings = settings
-        self.predictor = Predictor(settings.model, settings.crop_overrides, flip_tta=settings.flip_tta)
+        self.predictor = Predictor(
+            settings.model, settings.crop_overrides, flip_tta=settings.flip_tta, runtime=settings.runtime
+        )
         # Single threads: the detector and the model are not shared between threads, and
         # detection of the next requests overlaps the forward pass of the current batch.
         self.detect_thread = ThreadPoolExecutor(1, thread_name_prefix="detect")

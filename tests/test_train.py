@@ -18,10 +18,10 @@ import pytest
 import torch
 from helpers import run_cli
 
-from agepipe.config import AgeGroups
+from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint
-from agepipe.train import balancing_weights, stratified_split, usable_rows
+from agepipe.train import LR_SCHEDULES, balancing_weights, step_schedule, stratified_split, usable_rows
 from agepipe.tune import TUNED_FIELDS
 
 
@@ -59,6 +59,25 @@ def test_rows_with_errors_or_without_age_are_left_out_and_counted() -> None:
     )
     kept, dropped = usable_rows(frame)
     assert list(kept["path"]) == ["a"] and dropped == {"error_or_no_face": 2, "no_age": 1}
+
+
+def _rates(schedule: str, val_maes: list[float], settings: TrainSettings) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = LR_SCHEDULES[schedule](optimizer, settings, len(val_maes))
+    rates = []
+    for val_mae in val_maes:
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        step_schedule(scheduler, val_mae)
+    return rates
+
+
+def test_lr_schedules_by_name() -> None:
+    settings = TrainSettings(lr_factor=0.5, lr_patience=1)
+    cosine = _rates("cosine", [9.0] * 5, settings)
+    assert cosine[0] == 1.0 and all(a > b for a, b in zip(cosine, cosine[1:], strict=False)) and cosine[-1] < 0.2
+    # The plateau schedule halves the rate only after two epochs without a better val MAE.
+    assert _rates("plateau", [9.0, 8.0, 8.5, 8.6, 7.0, 7.5], settings) == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
 
 
 @pytest.fixture(scope="module")

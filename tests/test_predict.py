@@ -1,0 +1,51 @@
+"""The Predictor's model runtimes and flip test-time augmentation, on real photos (no cluster)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import data
+
+from agepipe.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def crops() -> list[np.ndarray]:
+    return [data.astronaut()[:256, 128:384], data.chelsea()[:, 100:400], data.coffee()[:, :400]]
+
+
+@pytest.fixture(scope="module")
+def predictors(model_path) -> dict[str, Predictor]:
+    return {
+        runtime: Predictor(model_path, {"detector": "none"}, runtime=runtime, flip_tta=False)
+        for runtime in ("torch", "onnx")
+    }
+
+
+def test_onnx_runtime_predicts_what_pytorch_predicts(predictors, crops) -> None:
+    torch_rows = predictors["torch"].predict_crops(crops)
+    onnx_rows = predictors["onnx"].predict_crops(crops)
+    for reference, row in zip(torch_rows, onnx_rows, strict=True):
+        assert row["age"] == pytest.approx(reference["age"], abs=1e-3)
+        assert (row["gender"], row["age_group"]) == (reference["gender"], reference["age_group"])
+        assert row["gender_prob"] == pytest.approx(reference["gender_prob"], abs=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_flip_tta_averages_the_face_and_its_mirror(model_path, crops, runtime) -> None:
+    plain = Predictor(model_path, {"detector": "none"}, runtime=runtime, flip_tta=False)
+    with_flip = Predictor(model_path, {"detector": "none"}, runtime=runtime, flip_tta=True)
+    mirrored = [crop[:, ::-1] for crop in crops]
+    for row, original, mirror in zip(
+        with_flip.predict_crops(crops), plain.predict_crops(crops), plain.predict_crops(mirrored), strict=True
+    ):
+        for group, probability in row["age_group_probs"].items():
+            expected = (original["age_group_probs"][group] + mirror["age_group_probs"][group]) / 2
+            assert probability == pytest.approx(expected, abs=1e-4)
+        if row["age_std"] is None:  # a regression head averages the two ages
+            assert row["age"] == pytest.approx((original["age"] + mirror["age"]) / 2, abs=1e-3)
+
+
+def test_an_unknown_runtime_is_refused_by_name(model_path) -> None:
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        Predictor(model_path, {"detector": "none"}, runtime="tensorrt")
