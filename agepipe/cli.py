@@ -51,7 +51,7 @@ def add_crop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="utkface, imdb, none (default), or a CSV/Parquet table URI")
     parser.add_argument("--max-age", type=float, help="cap ages at this value (default 100)")
     parser.add_argument("--encoding", choices=["jpeg", "png"], help="crop encoding (default jpeg q95)")
-    parser.add_argument("--batch-size", type=int, help="images per batch")
+    parser.add_argument("--batch-size", type=int, help="images per batch, written as one Parquet file")
     parser.add_argument("--concurrency", type=int, help="detector actors (default: one per CPU)")
     add_crop_settings(parser)
 

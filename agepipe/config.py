@@ -73,9 +73,8 @@ class CropJobSettings:
     output: str = ""
     crop: CropSettings = field(default_factory=CropSettings)
     labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = 64
+    batch_size: int = 500  # images per actor call, written as one Parquet file
     concurrency: int | None = None
-    rows_per_file: int = 5000
 
 
 T = TypeVar("T")

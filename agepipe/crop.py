@@ -2,17 +2,20 @@
 
 Image paths are listed on the driver, then streamed through an actor pool where
 each actor loads its detector once, reads, decodes, detects, crops, encodes and
-labels a batch; blocks are written to Parquet as they complete, so memory stays
-flat however many images there are. Re-running into the same output skips the
-images already there.
+labels a batch, and writes it as one Parquet file itself: crops never cross the
+object store and no write tasks compete for the CPUs, so memory stays flat
+however many images there are. Re-running into the same output skips the images
+already there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,16 +113,31 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: row.get(f.name) for f in schema} for row in rows], schema)
 
 
-class CropWorker:
-    """Ray Data actor: one detector per actor, a batch of paths in, crop rows out."""
+def write_part(table: pa.Table, output: str) -> str:
+    """Write `table` as a new file of the Parquet dataset at `output`; returns its path.
 
-    def __init__(self, crop_settings: CropSettings, label_settings: LabelSettings, input_root: str):
+    Names are unique, so writers never collide; a file torn by an interrupted run
+    is removed on resume (`completed_paths`) and its images done again.
+    """
+    fs, root = storage.resolve(output)
+    fs.create_dir(root, recursive=True)
+    path = f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet"
+    pq.write_table(table, path, filesystem=fs)
+    return path
+
+
+class CropWorker:
+    """Ray Data actor: one detector per actor; a batch of paths in, one Parquet file of crops written,
+    the batch's row count out."""
+
+    def __init__(self, crop_settings: CropSettings, label_settings: LabelSettings, input_root: str, output: str):
         self.crop_settings = crop_settings
         self.label_settings = label_settings
+        self.output = output
         self.detector = create_detector(crop_settings.detector, crop_settings.detector_weights, crop_settings.min_score)
         self.label_fn = labels_lib.label_source(label_settings, input_root)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = crop_rows(
             [str(p) for p in batch["path"]],
             self.detector,
@@ -127,7 +145,8 @@ class CropWorker:
             self.label_fn,
             self.label_settings,
         )
-        return rows_to_table(rows, CROP_SCHEMA)
+        write_part(rows_to_table(rows, CROP_SCHEMA), self.output)
+        return {"rows": np.array([len(rows)])}
 
 
 def completed_paths(output: str) -> set[str]:
@@ -262,25 +281,24 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     started = time.perf_counter()
     if todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-        fs, out_path = storage.resolve(settings.output)
-        dataset = ray.data.from_items([{"path": p} for p in todo])
-        dataset = dataset.map_batches(
+        actors = worker_count(settings.concurrency)
+        # Small jobs get smaller batches so that every actor has work; one block is one batch.
+        batch_size = max(1, min(settings.batch_size, math.ceil(len(todo) / (2 * actors))))
+        blocks = math.ceil(len(todo) / batch_size)
+        dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
+        written = dataset.map_batches(
             CropWorker,
             fn_constructor_kwargs={
                 "crop_settings": settings.crop,
                 "label_settings": settings.labels,
                 "input_root": settings.input,
+                "output": settings.output,
             },
-            batch_size=settings.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=worker_count(settings.concurrency)),
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
             batch_format="numpy",
         )
-        dataset.write_parquet(
-            out_path,
-            filesystem=fs,
-            min_rows_per_file=settings.rows_per_file,
-            ray_remote_args={"num_cpus": 0},
-        )
+        written.materialize()  # runs the job; what it holds is one row count per file
     summary.seconds = time.perf_counter() - started
     return summarize_output(settings.output, set(todo), summary)
