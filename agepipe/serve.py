@@ -204,19 +204,12 @@ def autoscaling_config(settings: ServeSettings) -> dict[str, Any]:
     }
 
 
-def absolute_local_path(uri: str | None) -> str | None:
-    """A local path made absolute (replicas may run in another directory); URIs unchanged."""
-    if uri is None or storage.is_remote(uri) or not Path(uri).exists():
-        return uri
-    return str(Path(uri).resolve())
-
-
 def with_absolute_paths(settings: ServeSettings) -> ServeSettings:
     """A copy whose local model and detector-weights paths are absolute."""
     overrides = dict(settings.crop_overrides)
     if overrides.get("detector_weights"):
-        overrides["detector_weights"] = absolute_local_path(overrides["detector_weights"])
-    return dataclasses.replace(settings, model=absolute_local_path(settings.model), crop_overrides=overrides)
+        overrides["detector_weights"] = storage.absolute(overrides["detector_weights"])
+    return dataclasses.replace(settings, model=storage.absolute(settings.model), crop_overrides=overrides)
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:

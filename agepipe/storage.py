@@ -23,6 +23,14 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (Ray workers, replicas and Tune trials may run in another
+    directory); URIs, None and "" unchanged."""
+    if not uri or is_remote(uri):
+        return uri
+    return str(Path(uri).resolve())
+
+
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None) -> pafs.FileSystem:
     import s3fs

@@ -10,6 +10,7 @@ epoch through Ray Train, so a dead worker or an interrupted run resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import json
@@ -534,11 +535,23 @@ def export_checkpoint(checkpoint: Any, settings: TrainSettings, output: str) -> 
     return {"best_val_mae": final["val_mae"], "best_epoch": final["epoch"], "epochs": len(state["history"])}
 
 
+def with_absolute_paths(settings: TrainSettings) -> TrainSettings:
+    """A copy whose local data, output and weights paths are absolute: Tune runs each trial in a
+    directory of its own."""
+    pretrained = settings.pretrained
+    if pretrained not in (None, "default", "hub"):
+        pretrained = storage.absolute(pretrained)
+    return dataclasses.replace(
+        settings, data=storage.absolute(settings.data), output=storage.absolute(settings.output), pretrained=pretrained
+    )
+
+
 def run_training(settings: TrainSettings) -> dict:
     """Train and write `model.pt`, `metrics.csv`, `split.parquet` and `settings.json` to the output.
 
     Running it again with the same output resumes an interrupted run from its last checkpoint.
     """
+    settings = with_absolute_paths(settings)
     plan = prepare_run(settings)
     result = make_trainer(settings, plan, settings.output, "ray_train").fit()
     return export_checkpoint(result.checkpoint, settings, settings.output)

@@ -13,7 +13,7 @@ from typing import Any
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
-from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run
+from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run, with_absolute_paths
 
 # A trial function only drives its TorchTrainer; the workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
@@ -132,8 +132,9 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    base = settings.train
+    base = with_absolute_paths(settings.train)
     prepare_run(base)
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = base.num_workers * (base.cpus_per_worker or 1)
@@ -157,6 +158,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
             mode="min",
             num_samples=settings.num_samples,
             scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=base.seed),  # the same trials for the same seed
             max_concurrent_trials=max_concurrent,
         ),
         run_config=tune.RunConfig(

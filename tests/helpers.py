@@ -11,7 +11,9 @@ import numpy as np
 from PIL import Image
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 900, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`agepipe ARGS...` in a fresh process, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "agepipe.cli", *args],
@@ -19,6 +21,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
         text=True,
         env={**os.environ, **(env or {})},
         timeout=timeout,
+        cwd=cwd,
     )
 
 

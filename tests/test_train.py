@@ -219,14 +219,17 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
     assert "'epoch': 0," not in second.stdout + second.stderr, "the resumed run started over"
 
 
-def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, tmp_path) -> None:
+def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_local, tmp_path) -> None:
     output = tmp_path / "tune"
+    # On the session's Ray (one Ray instance on the machine: with two, Ray Train's placement-group
+    # cleaner cannot tell which one to clean, and a stopped trial keeps its CPUs), with relative
+    # paths as a user types them: every trial runs in a directory of its own.
     result = run_cli(
         "tune",
         "--data",
-        str(small_faces),
+        os.path.relpath(small_faces, tmp_path),
         "--output",
-        str(output),
+        "tune",
         "--image-size",
         "64",
         "--batch-size",
@@ -236,15 +239,20 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, tmp_path
         "--phase1-epochs",
         "1",
         "--phase2-epochs",
-        "1",
-        "--num-samples",
         "2",
+        "--num-samples",
+        "4",
+        cwd=tmp_path,
+        env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = json.loads((output / "best_config.json").read_text())
     assert set(best["config"]) == set(TUNED_FIELDS)
     trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    assert len(trials) == 4 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    # ASHA (grace period 1, reduction factor 3) stops the trials behind at the first rung; the ones
+    # after them still get the CPUs (a stopped trial's reservation is given back).
+    assert (trials["training_iteration"] < 3).any() and (trials["training_iteration"] == 3).any()
     model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
     assert model.config.dense_units == best["config"]["dense_units"]
     assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
