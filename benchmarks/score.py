@@ -39,10 +39,16 @@ YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 
 
-def score_job(input_dir: Path, output: Path, overrides: dict) -> tuple[float, float, pd.DataFrame]:
+def score_job(
+    input_dir: Path, output: Path, overrides: dict, flip_tta: bool = True
+) -> tuple[float, float, pd.DataFrame]:
     """The scoring job on the running local Ray: images/s, peak MiB of driver + cluster, its rows."""
     settings = ScoreSettings(
-        input=str(input_dir), output=str(output), crop_overrides=overrides, labels=LabelSettings(kind="utkface")
+        input=str(input_dir),
+        output=str(output),
+        crop_overrides=overrides,
+        labels=LabelSettings(kind="utkface"),
+        flip_tta=flip_tta,
     )
     with PeakMemory() as memory:
         summary = run_score(settings)
@@ -144,6 +150,21 @@ def main() -> None:
                 "our MAE": mae(ours["age"], ours["path"]),
                 "peer MAE": mae(peer_rows["age"], peer_rows["path"]),
                 "peak MiB": float("nan"),
+            }
+        )
+        print(rows[-1], flush=True)
+        plain_ips, _, plain = score_job(
+            linked_folder(held_out, scratch / "held-out"), scratch / "held-out-noflip", {"detector": "none"}, False
+        )
+        rows.append(
+            {
+                **rows[-1],
+                "what": f"{len(held_out)} held-out faces, --no-flip",
+                "scoring job images/s": plain_ips,
+                "model-only images/s": float("nan"),
+                "job / model-only": float("nan"),
+                "job / peer": plain_ips / peer_ips,
+                "our MAE": mae(plain["age"], plain["path"]),
             }
         )
         print(rows[-1], flush=True)
