@@ -358,8 +358,14 @@ def _load_resume_state(checkpoint: Any) -> dict:
         return torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=True)
 
 
+# Reported with rank 0's metrics (not kept in the history): the worker group's placement group, so
+# that Tune can give it back when it stops a trial (Train's own cleaner needs the dashboard's State API).
+PLACEMENT_GROUP_ID = "placement_group_id"
+
+
 def _report(epoch: int, metrics: dict, model: AgeModel, state: PhaseState, best: dict, history: list, crop) -> None:
     import ray.train
+    import ray.util
 
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -380,6 +386,9 @@ def _report(epoch: int, metrics: dict, model: AgeModel, state: PhaseState, best:
         final = checkpoint_dict(model, crop, {"val_mae": best["val_mae"], "epoch": best["epoch"]})
         final["state_dict"] = best["state_dict"] if best["state_dict"] is not None else final["state_dict"]
         torch.save(final, os.path.join(directory, "model.pt"))
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            metrics = {**metrics, PLACEMENT_GROUP_ID: group.id.hex()}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

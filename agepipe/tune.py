@@ -13,7 +13,14 @@ from typing import Any
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
-from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run, with_absolute_paths
+from agepipe.train import (
+    PLACEMENT_GROUP_ID,
+    export_checkpoint,
+    make_trainer,
+    plan_dataset,
+    prepare_run,
+    with_absolute_paths,
+)
 
 # A trial function only drives its TorchTrainer; the workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
@@ -67,14 +74,19 @@ def trial_report_callback() -> Any:
 def release_stopped_trials_callback() -> Any:
     """A Tune callback that gives back the cluster share of a trial that has ended.
 
-    A Train run registers its workers' resources with Ray Data's autoscaling coordinator and cancels
-    that on shutdown; a trial that ASHA stops is killed instead, and its share stays reserved until
-    it expires (3 minutes). On a 2-CPU machine the next trial's Ray Data has no CPU meanwhile.
+    A Train run registers its workers' resources with Ray Data's autoscaling coordinator and removes
+    its workers' placement group on shutdown; a trial that ASHA stops (at its last epoch too) is
+    killed instead. Its reservation would then stay until it expires (3 minutes) and its placement
+    group until Train's cleaner sees the run's controller dead, which it can only learn from the
+    dashboard's State API: without a dashboard, never. On a 2-CPU machine the next trial waits forever.
     """
+    import ray.util
     from ray import tune
+    from ray._raylet import PlacementGroupID
     from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
         TrainAutoscalingCoordinatorClient,
     )
+    from ray.util.placement_group import PlacementGroup
 
     class ReleaseStoppedTrials(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -85,9 +97,13 @@ def release_stopped_trials_callback() -> Any:
 
         @staticmethod
         def release(trial: Any) -> None:
-            run_id = (trial.last_result or {}).get(TRAIN_RUN_ID)
-            if run_id:  # the requester id Train's own scaling policy uses
-                TrainAutoscalingCoordinatorClient(f"train-{run_id}").cancel_resource_request()
+            result = trial.last_result or {}
+            if result.get(TRAIN_RUN_ID):  # the requester id Train's own scaling policy uses
+                TrainAutoscalingCoordinatorClient(f"train-{result[TRAIN_RUN_ID]}").cancel_resource_request()
+            if result.get(PLACEMENT_GROUP_ID):
+                group = PlacementGroup(PlacementGroupID.from_hex(result[PLACEMENT_GROUP_ID]))
+                if ray.util.placement_group_table(group).get("state") != "REMOVED":
+                    ray.util.remove_placement_group(group)
 
     return ReleaseStoppedTrials()
 
@@ -98,8 +114,10 @@ def tune_trial(trial_config: dict[str, Any]) -> None:
     Its datasets are materialized first: on a small machine a finished trial's streaming datasets
     keep their share of Ray Data's CPU budget, and the next trial's reads would wait for it forever.
     """
+    import ray.data
     import ray.tune
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # as in the driver: epochs report progress
     base = from_dict(TrainSettings, trial_config["base"])
     context = ray.tune.get_context()
     trial_output = storage.join(trial_config["output"], "trials", context.get_trial_id())
@@ -158,8 +176,9 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
             mode="min",
             num_samples=settings.num_samples,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=base.seed),  # the same trials for the same seed
-            max_concurrent_trials=max_concurrent,
+            # Seeded: the same trials for the same seed. The concurrency limit goes to the generator
+            # itself: Tune ignores `max_concurrent_trials` when given a generator instance.
+            search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=max_concurrent),
         ),
         run_config=tune.RunConfig(
             name="ray_tune",
@@ -180,5 +199,6 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
         json.dumps({"config": best_config, "val_mae": summary["best_val_mae"]}, indent=2).encode(),
     )
     trials = results.get_dataframe(filter_metric="val_mae", filter_mode="min")
+    trials = trials.drop(columns=[TRAIN_RUN_ID, PLACEMENT_GROUP_ID], errors="ignore")  # bookkeeping, not results
     storage.write_bytes(storage.join(base.output, "trials.csv"), trials.to_csv(index=False).encode())
     return {"best_config": best_config, **summary, "trials": len(trials)}
