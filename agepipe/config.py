@@ -185,7 +185,7 @@ class TrainSettings:
     test_fraction: float = 0.1
     seed: int = 42
     limit: int | None = None
-    num_workers: int = 1
+    num_workers: int = 2  # measured faster than one 2-thread worker on 2 CPUs (benchmarks/train.py)
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     max_failures: int = 2
