@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agepipe.config import EvaluateSettings, LabelSettings, ScoreSettings, shared_data_dir
+from agepipe.config import EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings, shared_data_dir
 from agepipe.evaluate import run_evaluate
 from agepipe.model import export_for_sharing, load_checkpoint
 from agepipe.predict import DEFAULT_MODEL
@@ -82,6 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True, help="the training run folder (model.pt, split.parquet, ...)")
     parser.add_argument("--report", default="out/default-model-report", help="where the evaluation report goes")
+    parser.add_argument(
+        "--training-minutes",
+        type=float,
+        help="wall-clock training time, for a run that was interrupted and resumed (default: from file times)",
+    )
     args = parser.parse_args()
     run = Path(args.run)
     images_root = shared_data_dir() / "data" / "utkface"
@@ -94,7 +99,9 @@ def main() -> None:
     _, _, checkpoint = load_checkpoint(str(DEFAULT_MODEL))
     history = pd.DataFrame(checkpoint["history"])
     train_settings = json.loads((run / "settings.json").read_text())
-    minutes = ((run / "model.pt").stat().st_mtime - (run / "settings.json").stat().st_mtime) / 60
+    # A resumed run rewrites settings.json, so file times then cover only its last part.
+    started = (run / "settings.json").stat().st_mtime
+    minutes = args.training_minutes or ((run / "model.pt").stat().st_mtime - started) / 60
 
     report_dir = Path(args.report)
     shutil.rmtree(report_dir, ignore_errors=True)  # scores of an earlier run would be resumed into, not replaced
@@ -134,6 +141,7 @@ def main() -> None:
         by_gender=table(test["by_gender"], "gender"),
         by_race=table(test["by_race"], "race"),
         settings=json.dumps({k: train_settings[k] for k in SETTINGS_SHOWN}, indent=2),
+        train_flags=train_flags(train_settings),
         crop=json.dumps(crop, indent=2),
         minutes=minutes,
         epochs=len(history),
@@ -213,7 +221,7 @@ folder by the project; it was never seen here.
 ```bash
 agepipe crop --input ../shared/data/utkface --output out/faces-utk --labels utkface \\
     --detector yunet --detector-weights ../shared/models/face_detection_yunet.onnx
-agepipe train --data out/faces-utk --output out/runs/default
+agepipe train --data out/faces-utk --output out/runs/default{train_flags}
 python scripts/make_default_model.py --run out/runs/default
 ```
 
@@ -223,7 +231,7 @@ Crop settings recorded in the checkpoint (scoring and serving reuse them):
 {crop}
 ```
 
-Training settings (defaults of `agepipe train`):
+Training settings (the run's `settings.json`: `agepipe train` defaults but for the flags above):
 
 ```json
 {settings}
@@ -244,6 +252,16 @@ AGE_HEADS = {
     "distribution": "label distribution over 0-100, expectation as the age, its spread as the uncertainty",
 }
 TRIED_HEADING = "## What was tried"
+
+
+def train_flags(train_settings: dict) -> str:
+    """The `agepipe train` flags for the shown settings where the run differs from today's defaults."""
+    defaults = TrainSettings()
+    return "".join(
+        f" --{name.replace('_', '-')} {train_settings[name]}"
+        for name in SETTINGS_SHOWN
+        if train_settings[name] != getattr(defaults, name)
+    )
 
 
 def tried_section(card: Path) -> str:
