@@ -245,6 +245,7 @@ frozen) at a lower learning rate; `{schedule}` learning-rate schedule within eac
 on validation MAE.
 
 {history}
+
 {tried}"""
 
 AGE_HEADS = {
