@@ -75,6 +75,15 @@ def run_crop_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_flip_tta_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run each face mirrored and average the two (twice the model time; default off)",
+    )
+
+
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
     parser.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions Parquet")
@@ -82,7 +91,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="add label_* columns: utkface, imdb, or a CSV/Parquet table URI")
     parser.add_argument("--batch-size", type=int, help="images per batch")
     parser.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU)")
-    parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    add_flip_tta_argument(parser)
     parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
     add_crop_settings(parser)
 
@@ -122,6 +131,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase1-lr", type=float)
     parser.add_argument("--phase2-lr", type=float)
     parser.add_argument("--lr-schedule", choices=["cosine", "plateau"], help="per-phase learning-rate schedule")
+    parser.add_argument("--warmup-epochs", type=float, help="learning-rate ramp at the start of phase 2, in epochs")
     parser.add_argument("--unfreeze-stages", type=int, help="backbone stages trained in phase 2")
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
@@ -142,6 +152,7 @@ TRAIN_FLAGS = (
     "phase1_lr",
     "phase2_lr",
     "lr_schedule",
+    "warmup_epochs",
     "unfreeze_stages",
     "patience",
     "limit",
@@ -230,7 +241,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, help="largest accepted upload (default 10 MiB)")
     parser.add_argument("--batch-size", type=int, help="most requests per batched forward pass")
     parser.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
-    parser.add_argument("--no-flip", dest="flip_tta", action="store_false", default=None, help="no flip TTA")
+    add_flip_tta_argument(parser)
     parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
     add_crop_settings(parser)
 

@@ -111,7 +111,7 @@ class Predictor:
         model_uri: str | None = None,
         crop_overrides: dict[str, Any] | None = None,
         device: str | None = None,
-        flip_tta: bool = True,
+        flip_tta: bool = False,
         batch_size: int = 64,
         detector: Detector | None = None,
         runtime: str | None = None,

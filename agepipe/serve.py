@@ -14,6 +14,7 @@ requests that arrived together. The request parsing and response shaping are pla
 import asyncio
 import dataclasses
 import io
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -335,11 +336,19 @@ def app_builder(args: dict[str, Any]) -> Application:
     return application(config.from_dict(ServeSettings, args))
 
 
+def apply_ray_serve_env(variables: dict[str, str]) -> None:
+    """Export Serve's settings for a Ray started after this (its processes inherit the environment);
+    variables the user has set already are kept."""
+    for name, value in variables.items():
+        os.environ.setdefault(name, value)
+
+
 def start_server(settings: ServeSettings, name: str = "agepipe", route_prefix: str = "/") -> str:
     """Start Serve (and a local Ray if none is running) with this application; returns its URL."""
     import ray
 
     if not ray.is_initialized():
+        apply_ray_serve_env(settings.ray_serve_env)
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=name, route_prefix=route_prefix)

@@ -225,6 +225,12 @@ class PhaseState:
         self.scheduler = LR_SCHEDULES[settings.lr_schedule](self.optimizer, settings, epochs)
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: Adam's first updates move every weight by about the full rate, which wrecks
+    freshly unfrozen pretrained features (the first fine-tuning epoch's loss rose above phase 1's)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def _all_reduce_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -232,8 +238,11 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: bool, device: torch.device) -> dict:
-    """One pass over a data shard; metrics summed over all workers."""
+def run_epoch(
+    state: PhaseState, shard: Any, settings: TrainSettings, train: bool, device: torch.device, warmup_steps: int = 0
+) -> dict:
+    """One pass over a data shard; metrics summed over all workers. The first `warmup_steps`
+    optimizer steps ramp the learning rate up to the scheduled one."""
     model = unwrap(state.model)
     transform = image_transform(settings.image_size, train)
     totals = np.zeros(6)  # loss, abs error, group correct, gender correct, gender known, rows
@@ -247,12 +256,15 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
         local_shuffle_buffer_size=4 * settings.batch_size if train else None,
         local_shuffle_seed=settings.seed if train else None,
     )
-    for raw in batches:
+    scheduled_lrs = [group["lr"] for group in state.optimizer.param_groups]
+    for step, raw in enumerate(batches):
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
         with torch.set_grad_enabled(train):
             outputs = state.model(batch["image"])
             loss, predicted = multitask_loss(model, outputs, batch, settings)
         if train:
+            for group, lr in zip(state.optimizer.param_groups, scheduled_lrs, strict=True):
+                group["lr"] = lr * warmup_factor(step, warmup_steps)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
@@ -266,6 +278,8 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
             known.sum().item(),
             n,
         ]
+    for group, lr in zip(state.optimizer.param_groups, scheduled_lrs, strict=True):
+        group["lr"] = lr  # the epoch schedule steps from the scheduled rate, not a warm-up one
     loss_sum, abs_error, group_ok, gender_ok, gender_known, rows = _all_reduce_sum(totals.tolist())
     rows = max(rows, 1)
     return {
@@ -319,7 +333,10 @@ def train_loop_per_worker(config: dict) -> None:
                 state.optimizer.load_state_dict(resume.pop("optimizer"))
                 state.scheduler.load_state_dict(resume.pop("scheduler"))
         started = time.perf_counter()
-        train_metrics = run_epoch(state, train_shard, settings, True, device)
+        warmup = (
+            config.get("train_steps_per_epoch", 0) * settings.warmup_epochs if epoch == settings.phase1_epochs else 0
+        )
+        train_metrics = run_epoch(state, train_shard, settings, True, device, math.ceil(warmup))
         seconds = time.perf_counter() - started
         val_metrics = run_epoch(state, val_shard, settings, False, device)
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
@@ -508,6 +525,8 @@ def make_trainer(
             "crop": to_dict(crop_settings_of(settings.data)),
             "threads_per_worker": max(1, int(cluster_cpus // settings.num_workers)),
             "mean_train_age": float(plan.loc[plan["split"] == "train", "age"].mean()),
+            "train_steps_per_epoch": int(plan.loc[plan["split"] == "train", "copies"].sum())
+            // (settings.batch_size * settings.num_workers),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers,

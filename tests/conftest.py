@@ -40,6 +40,10 @@ def ray_local():
     """One local Ray for the test session."""
     import ray
 
+    from agepipe.config import ServeSettings
+    from agepipe.serve import apply_ray_serve_env
+
+    apply_ray_serve_env(ServeSettings().ray_serve_env)  # Serve in the tests runs as `agepipe serve` runs it
     ray.init(num_cpus=2, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

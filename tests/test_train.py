@@ -21,7 +21,14 @@ from helpers import run_cli
 from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint
-from agepipe.train import LR_SCHEDULES, balancing_weights, step_schedule, stratified_split, usable_rows
+from agepipe.train import (
+    LR_SCHEDULES,
+    balancing_weights,
+    step_schedule,
+    stratified_split,
+    usable_rows,
+    warmup_factor,
+)
 from agepipe.tune import TUNED_FIELDS
 
 
@@ -78,6 +85,11 @@ def test_lr_schedules_by_name() -> None:
     assert cosine[0] == 1.0 and all(a > b for a, b in zip(cosine, cosine[1:], strict=False)) and cosine[-1] < 0.2
     # The plateau schedule halves the rate only after two epochs without a better val MAE.
     assert _rates("plateau", [9.0, 8.0, 8.5, 8.6, 7.0, 7.5], settings) == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+
+
+def test_warmup_ramps_linearly_to_the_scheduled_rate() -> None:
+    assert [warmup_factor(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0  # no warm-up: the scheduled rate from the first step
 
 
 @pytest.fixture(scope="module")
