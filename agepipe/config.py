@@ -170,10 +170,10 @@ class TrainSettings:
     phase1_lr: float = 3e-3
     phase2_lr: float = 5e-4
     weight_decay: float = 1e-4
-    unfreeze_stages: int = 6
+    unfreeze_stages: int = 9  # all of efficientnet_lite0 (7 block stages, conv_head, bn2); more = all
     patience: int = 3
     lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0  # linear learning-rate ramp over the start of phase 2
+    warmup_epochs: float = 0.5  # linear learning-rate ramp over the start of phase 2
     lr_factor: float = 0.3
     lr_patience: int = 1
     age_loss_weight: float = 1.0

@@ -137,7 +137,7 @@ def freeze_backbone(model: AgeModel, trainable_top_stages: int = 0) -> None:
     for parameter in model.backbone.parameters():
         parameter.requires_grad = False
     stages = backbone_stages(model)
-    for stage in stages[len(stages) - trainable_top_stages :] if trainable_top_stages else []:
+    for stage in stages[max(0, len(stages) - trainable_top_stages) :] if trainable_top_stages else []:
         for parameter in stage.parameters():
             parameter.requires_grad = True
     for module in model.backbone.modules():

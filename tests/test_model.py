@@ -77,6 +77,15 @@ def test_phase_two_unfreezes_exactly_the_top_stages_without_batchnorm(model: Age
     assert model.shared.training
 
 
+def test_unfreezing_more_stages_than_there_are_trains_every_stage(model: AgeModel) -> None:
+    stage_parameters = {id(p) for stage in backbone_stages(model) for p in stage.parameters()}
+    freeze_backbone(model, len(backbone_stages(model)) + 5)
+    trainable_backbone = {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    freeze_backbone(model, len(backbone_stages(model)))
+    assert trainable_backbone == {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert trainable_backbone and trainable_backbone <= stage_parameters
+
+
 def test_age_estimates_stay_in_range() -> None:
     distribution = AgeModel(model_config(TrainSettings(age_head="distribution")), backbone_weights=False)
     age, spread = distribution.age_estimate(torch.randn(4, 101) * 5)
