@@ -190,7 +190,6 @@ class TrainSettings:
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     max_failures: int = 2
-    flip_tta: bool = True
     labels: LabelSettings = field(default_factory=LabelSettings)
 
 
