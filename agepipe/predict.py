@@ -143,8 +143,15 @@ class Predictor:
         return self.model.config.groups.names
 
     def _batch_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        tensors = [self.transform(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)) for c in crops]
-        return torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
+        if len({crop.shape for crop in crops}) == 1:
+            # Crops of one size (the crop function's): one transform over the batch, the same arithmetic
+            # as face by face without its per-face overhead (a tenth of the scoring job's time per face).
+            batch = self.transform(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+        else:
+            batch = torch.stack(
+                [self.transform(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)) for c in crops]
+            )
+        return batch.to(self.device).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

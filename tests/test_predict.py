@@ -49,3 +49,12 @@ def test_flip_tta_averages_the_face_and_its_mirror(model_path, crops, runtime) -
 def test_an_unknown_runtime_is_refused_by_name(model_path) -> None:
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         Predictor(model_path, {"detector": "none"}, runtime="tensorrt")
+
+
+def test_same_size_crops_transformed_as_one_batch_predict_what_face_by_face_does(predictors, crops) -> None:
+    faces = [np.ascontiguousarray(np.rot90(data.astronaut()[:224, 140:364], k)) for k in range(4)]
+    stacked = predictors["onnx"].predict_crops(faces)  # one size: one transform over the batch
+    face_by_face = predictors["onnx"].predict_crops(faces + crops[:1])[:4]  # mixed sizes: face by face
+    for row, reference in zip(stacked, face_by_face, strict=True):
+        assert row["age"] == pytest.approx(reference["age"], abs=1e-3)
+        assert row["gender_prob"] == pytest.approx(reference["gender_prob"], abs=1e-4)
