@@ -263,8 +263,9 @@ def run_epoch(
             outputs = state.model(batch["image"])
             loss, predicted = multitask_loss(model, outputs, batch, settings)
         if train:
-            for group, lr in zip(state.optimizer.param_groups, scheduled_lrs, strict=True):
-                group["lr"] = lr * warmup_factor(step, warmup_steps)
+            if step < warmup_steps:
+                for group, lr in zip(state.optimizer.param_groups, scheduled_lrs, strict=True):
+                    group["lr"] = lr * warmup_factor(step, warmup_steps)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()

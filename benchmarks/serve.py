@@ -91,6 +91,25 @@ async def run_clients(url: str, images: list[bytes], clients: int, seconds: floa
     }
 
 
+def one_replica(model: str | None, port: int, crop_overrides: dict, **options: object) -> ServeSettings:
+    """The benchmark's Serve settings: one replica, every face, `options` over the defaults."""
+    return ServeSettings(
+        port=port,
+        model=model,
+        crop_overrides={**crop_overrides, "all_faces": True},
+        min_replicas=1,
+        max_replicas=1,
+        **options,
+    )
+
+
+def start_warm(settings: ServeSettings, images: list[bytes]) -> str:
+    """Start the app and send it a short warm-up load; returns the /predict URL."""
+    url = start_server(settings, name="benchmark") + "predict"
+    asyncio.run(run_clients(url, images, clients=4, seconds=2))
+    return url
+
+
 def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
     yunet = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
     workloads = {
@@ -103,16 +122,7 @@ def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
     rows = []
     for workload, (images, detector) in workloads.items():
         for batching, batch_size in BATCH_SIZES.items():
-            settings = ServeSettings(
-                port=port,
-                model=model,
-                crop_overrides={**detector, "all_faces": True},
-                batch_size=batch_size,
-                min_replicas=1,
-                max_replicas=1,
-            )
-            url = start_server(settings, name="benchmark") + "predict"
-            asyncio.run(run_clients(url, images, clients=4, seconds=2))  # warm-up
+            url = start_warm(one_replica(model, port, detector, batch_size=batch_size), images)
             for clients in CLIENT_COUNTS:
                 result = asyncio.run(run_clients(url, images, clients, seconds))
                 rows.append({"workload": workload, "batching": batching, **result})
@@ -133,16 +143,7 @@ def ablation(model: str | None, seconds: float, port: int) -> list[dict]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             for flip_tta in (True, False):
-                settings = ServeSettings(
-                    port=port,
-                    model=model,
-                    crop_overrides={"detector": "none", "all_faces": True},
-                    flip_tta=flip_tta,
-                    min_replicas=1,
-                    max_replicas=1,
-                )
-                url = start_server(settings, name="benchmark") + "predict"
-                asyncio.run(run_clients(url, images, clients=4, seconds=2))  # warm-up
+                url = start_warm(one_replica(model, port, {"detector": "none"}, flip_tta=flip_tta), images)
                 result = asyncio.run(run_clients(url, images, 32, seconds))
                 rows.append({"serve": mode, "flip TTA": "on" if flip_tta else "off", **result})
                 print(json.dumps(rows[-1]), flush=True)
