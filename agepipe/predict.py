@@ -50,14 +50,14 @@ def resolve_detector_weights(crop: CropSettings) -> CropSettings:
 
 
 class TorchRuntime:
-    """The network in eager PyTorch, on its device (the GPU path, and the reference)."""
+    """The network in eager PyTorch, on its device (the GPU path, and the reference), channels-last."""
 
     def __init__(self, model: AgeModel, device: torch.device) -> None:
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model(images)
+        return self.model(images.contiguous(memory_format=torch.channels_last))
 
 
 class OnnxRuntime:
@@ -120,7 +120,7 @@ class Predictor:
         model, crop, checkpoint = load_checkpoint(self.model_uri)
         self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: AgeModel = model.to(self.device).to(memory_format=torch.channels_last)
+        self.model: AgeModel = model.to(self.device)
         self.runtime_name = runtime or default_runtime(self.device)
         if self.runtime_name not in RUNTIMES:
             raise ValueError(f"unknown runtime {self.runtime_name!r}: use one of {sorted(RUNTIMES)}")
@@ -151,7 +151,7 @@ class Predictor:
             batch = torch.stack(
                 [self.transform(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)) for c in crops]
             )
-        return batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return batch.to(self.device)
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -140,8 +140,19 @@ def image_transform(image_size: int, train: bool) -> v2.Compose:
             # No hue jitter: it costs more than the rest of the augmentation together on CPU.
             v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
         ]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps.append(normalize_uint8)
     return v2.Compose(steps)
+
+
+_NORMALIZE_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
+_NORMALIZE_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> contiguous float32 normalized with ImageNet's statistics: the arithmetic
+    of ToDtype(scale=True) + Normalize (to float rounding) in place on one contiguous copy, a third
+    of their time on a batch of channels-last crops (the scoring job's)."""
+    return images.contiguous().float().mul_(_NORMALIZE_SCALE).add_(_NORMALIZE_SHIFT)
 
 
 def decode_crop(data: bytes) -> torch.Tensor:

@@ -24,6 +24,7 @@ from agepipe.model import load_checkpoint
 from agepipe.train import (
     LR_SCHEDULES,
     balancing_weights,
+    normalize_uint8,
     step_schedule,
     stratified_split,
     usable_rows,
@@ -77,6 +78,21 @@ def _rates(schedule: str, val_maes: list[float], settings: TrainSettings) -> lis
         optimizer.step()
         step_schedule(scheduler, val_mae)
     return rates
+
+
+def test_normalize_uint8_is_todtype_and_normalize_in_one_pass() -> None:
+    from torchvision.transforms import v2
+
+    from agepipe.model import IMAGENET_MEAN, IMAGENET_STD
+
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    pixels = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    channels_last = pixels.permute(0, 3, 1, 2)  # how a stack of HWC crops arrives
+    normalized = normalize_uint8(channels_last)
+    assert normalized.dtype == torch.float32 and normalized.is_contiguous()
+    torch.testing.assert_close(normalized, reference(channels_last), rtol=0, atol=1e-5)
+    torch.testing.assert_close(normalize_uint8(channels_last[0]), reference(channels_last[0]), rtol=0, atol=1e-5)
+    assert pixels.dtype == torch.uint8 and int(pixels.max()) > 200  # the input is left alone
 
 
 def test_lr_schedules_by_name() -> None:
