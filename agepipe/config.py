@@ -166,7 +166,7 @@ class TrainSettings:
     image_size: int = 128
     batch_size: int = 64
     phase1_epochs: int = 1
-    phase2_epochs: int = 14  # run 6 (1+11) was still improving at its last epoch
+    phase2_epochs: int = 14  # 0.07 years better val MAE than 11 on the default model (card, runs 6-7)
     phase1_lr: float = 3e-3
     phase2_lr: float = 5e-4
     weight_decay: float = 1e-4
