@@ -149,26 +149,6 @@ class CropWorker:
         return {"rows": np.array([len(rows)])}
 
 
-_process_crop_worker: dict[str, CropWorker] = {}
-
-
-def crop_batch(
-    batch: dict[str, np.ndarray],
-    crop_settings: CropSettings,
-    label_settings: LabelSettings,
-    input_root: str,
-    output: str,
-) -> dict[str, np.ndarray]:
-    """Ray Data task for detectors that load no model: no actors to start (seconds on a small job).
-    Ray reuses worker processes across tasks, so each keeps the set-up (a label table) of the job it
-    last served."""
-    key = json.dumps([to_dict(crop_settings), to_dict(label_settings), input_root, output])
-    if key not in _process_crop_worker:
-        _process_crop_worker.clear()
-        _process_crop_worker[key] = CropWorker(crop_settings, label_settings, input_root, output)
-    return _process_crop_worker[key](batch)
-
-
 def completed_paths(output: str) -> set[str]:
     """Input paths already present in an output dataset.
 
@@ -295,7 +275,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     if not settings.input or not settings.output:
         raise ValueError("crop needs --input and --output")
     labels_lib.label_source(settings.labels, settings.input)  # fail fast on bad label settings
-    detector = create_detector(settings.crop.detector, settings.crop.detector_weights, settings.crop.min_score)
+    create_detector(settings.crop.detector, settings.crop.detector_weights, settings.crop.min_score)
     todo, summary = plan_inputs(settings.input, settings.output)
     record_crop_settings(settings)
     started = time.perf_counter()
@@ -306,23 +286,19 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
         batch_size = max(1, min(settings.batch_size, math.ceil(len(todo) / (2 * actors))))
         blocks = math.ceil(len(todo) / batch_size)
         dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
-        job = {
-            "crop_settings": settings.crop,
-            "label_settings": settings.labels,
-            "input_root": settings.input,
-            "output": settings.output,
-        }
-        if detector.loads_model:  # one model per actor, loaded once
-            written = dataset.map_batches(
-                CropWorker,
-                fn_constructor_kwargs=job,
-                batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=1,
-                batch_format="numpy",
-            )
-        else:
-            written = dataset.map_batches(crop_batch, fn_kwargs=job, batch_size=batch_size, num_cpus=1)
+        written = dataset.map_batches(
+            CropWorker,
+            fn_constructor_kwargs={
+                "crop_settings": settings.crop,
+                "label_settings": settings.labels,
+                "input_root": settings.input,
+                "output": settings.output,
+            },
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            batch_format="numpy",
+        )
         written.materialize()  # runs the job; what it holds is one row count per file
     summary.seconds = time.perf_counter() - started
     return summarize_output(settings.output, set(todo), summary)

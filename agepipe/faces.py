@@ -37,7 +37,6 @@ class Face:
 
 class Detector(Protocol):
     name: str
-    loads_model: bool  # False: nothing to load, so jobs run it in plain Ray tasks instead of an actor pool
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces per image, for RGB uint8 arrays."""
@@ -95,7 +94,6 @@ class WholeImage:
     """Every image is already an aligned face crop."""
 
     name = "none"
-    loads_model = False
 
     def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
         del weights, min_score, device
@@ -113,7 +111,6 @@ class YuNet:
     """
 
     name = "yunet"
-    loads_model = True
     max_side = 640
     pad_fraction = 0.25
 
@@ -148,7 +145,6 @@ class DlibHog:
     """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
 
     name = "dlib"
-    loads_model = True
     max_side = 800
 
     def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
@@ -182,7 +178,6 @@ class Yolo:
     """
 
     name = "yolo"
-    loads_model = True
     image_size = 640
 
     def __init__(self, weights: str | None = None, min_score: float = 0.5, device: Any = None):

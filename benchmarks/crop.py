@@ -112,6 +112,7 @@ def main() -> None:
                         "detector": detector,
                         "runs": repeats,
                         "ray images/s": ray_ips,
+                        "ray runs, in order": " / ".join(f"{r[0]:.0f}" for r in ray_runs),
                         "plain images/s": plain_ips,
                         "ray / plain": ray_ips / plain_ips,
                         "ray peak MiB": median([r[1] for r in ray_runs]),
@@ -123,7 +124,7 @@ def main() -> None:
     notes = [
         f"{os.cpu_count()} CPUs; medians of `runs` runs; Ray started once before timing (a running cluster).",
         "Ray path: `run_crop` with one detector actor per CPU; plain: the same crop_rows() per image in one "
-        "process, one Parquet file per 500 images, as the job writes.",
+        "process, one Parquet file per 500 images, as the job writes. Runs alternate Ray and plain.",
         "Peak MiB: summed RSS of the process tree (Ray: driver, raylet, workers); shared pages count once per process.",
     ]
     write_results("crop", rows, notes)
