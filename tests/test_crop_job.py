@@ -68,13 +68,17 @@ def test_crop_utkface_on_local_ray(ray_local, utk_sample, yunet_weights, tmp_pat
 
 
 def test_whole_image_detector_with_labels_from_a_table(ray_local, utk_sample, tmp_path) -> None:
-    names = sorted(p.name for p in utk_sample.glob("*.jpg"))
+    images = tmp_path / "in"  # its own folder: other tests add files to utk_sample
+    images.mkdir()
+    names = sorted(p.name for p in utk_sample.glob("*.jpg"))[:60]
+    for name in names:
+        shutil.copy(utk_sample / name, images / name)
     table = tmp_path / "labels.csv"
     ages = {name: 20 + i % 50 for i, name in enumerate(names)}
     pd.DataFrame({"path": names, "age": [ages[n] for n in names], "gender": "male"}).to_csv(table, index=False)
     output = tmp_path / "faces"
     settings = CropJobSettings(
-        input=str(utk_sample),
+        input=str(images),
         output=str(output),
         crop=CropSettings(detector="none", size=64, encoding="png"),
         labels=LabelSettings(kind=str(table)),
