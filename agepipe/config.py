@@ -218,7 +218,7 @@ class ServeSettings:
     port: int = 8000
     model: str | None = None
     crop_overrides: dict[str, Any] = field(default_factory=lambda: {"all_faces": True})
-    # Off: the mirrored pass doubles the model's time per face for 0.07 years of MAE (default model card).
+    # Off: the mirrored pass doubles the model's time per face for 0.08 years of MAE (default model card).
     flip_tta: bool = False
     runtime: str | None = None
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC
