@@ -44,11 +44,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Filesystem and in-filesystem path for a local path, `file://` or `s3://` URI."""
     if uri.startswith("s3://"):
         return _s3_filesystem(os.environ.get("AWS_ENDPOINT_URL")), uri[len("s3://") :].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if is_remote(uri):
-        raise StorageError(f"unsupported storage scheme in {uri!r}: use a local path or s3://")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    local = uri.removeprefix("file://")
+    if is_remote(local):
+        raise StorageError(f"unsupported storage scheme in {local!r}: use a local path or s3://")
+    return pafs.LocalFileSystem(), str(local_path(local).resolve())
+
+
+def local_path(uri: str) -> Path:
+    """The path of a local path or `file://` URI, `~` expanded."""
+    return Path(uri.removeprefix("file://")).expanduser()
 
 
 def to_uri(uri_like: str, fs_path: str) -> str:
@@ -90,7 +94,7 @@ def list_images(uri: str) -> tuple[list[str], int]:
 def read_bytes(uri: str) -> bytes:
     if not is_remote(uri):
         # Straight from the OS: about a quarter of the time of resolving the path and opening an Arrow stream.
-        return Path(uri.removeprefix("file://")).expanduser().read_bytes()
+        return local_path(uri).read_bytes()
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
