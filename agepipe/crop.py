@@ -238,6 +238,17 @@ def plan_inputs(input_uri: str, output_uri: str) -> tuple[list[str], JobSummary]
     return todo, summary
 
 
+def path_dataset(paths: list[str], batch_size: int, actors: int) -> tuple[Any, int]:
+    """A Ray dataset of `paths` in blocks of one batch each, and that batch size: no block splits into a
+    full batch and a sliver (each sliver costs a model call), and small jobs get smaller batches so
+    that every actor has work."""
+    import ray
+
+    batch_size = max(1, min(batch_size, math.ceil(len(paths) / (2 * actors))))
+    blocks = math.ceil(len(paths) / batch_size)
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks), batch_size
+
+
 def worker_count(requested: int | None) -> int:
     """Actors for a stage: as asked, else one per CPU of the cluster."""
     import ray
@@ -282,10 +293,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     if todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
         actors = worker_count(settings.concurrency)
-        # Small jobs get smaller batches so that every actor has work; one block is one batch.
-        batch_size = max(1, min(settings.batch_size, math.ceil(len(todo) / (2 * actors))))
-        blocks = math.ceil(len(todo) / batch_size)
-        dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
+        dataset, batch_size = path_dataset(todo, settings.batch_size, actors)
         written = dataset.map_batches(
             CropWorker,
             fn_constructor_kwargs={

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agepipe.model import AgeModel, backbone_stages
+from agepipe.model import AgeModel, age_estimate, backbone_stages
 
 
 def grad_cam(model: AgeModel, image: torch.Tensor, layer: nn.Module | None = None) -> np.ndarray:
@@ -29,7 +29,7 @@ def grad_cam(model: AgeModel, image: torch.Tensor, layer: nn.Module | None = Non
     try:
         with torch.enable_grad():
             inputs = image.detach().clone().requires_grad_(True)
-            age, _ = model.age_estimate(model(inputs)["age"])
+            age, _ = age_estimate(model(inputs)["age"], model.config)
             age.sum().backward()
     finally:
         handle.remove()
@@ -51,6 +51,8 @@ def overlay(crop: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
 
 def explain_crop(predictor, crop: np.ndarray) -> np.ndarray:
     """Grad-CAM overlay (RGB uint8, crop-sized) for one face crop, with a Predictor's model."""
+    if predictor.model is None:
+        raise ValueError("this Predictor came without its PyTorch model (an unpickled copy): build one to explain")
     tensor = predictor.transform(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1))[None]
     heatmap = grad_cam(predictor.model, tensor.to(predictor.device))
     return overlay(crop, heatmap)

@@ -23,8 +23,7 @@ from agepipe import storage
 from agepipe.config import CropSettings, apply_overrides, shared_data_dir
 from agepipe.faces import DETECTOR_WEIGHT_URLS, Detector, create_detector, crop_images
 from agepipe.labels import GENDERS
-from agepipe.model import AgeModel, load_checkpoint
-from agepipe.train import image_transform
+from agepipe.model import AgeModel, ModelConfig, age_estimate, load_checkpoint, model_input
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +61,13 @@ class TorchRuntime:
 
 class OnnxRuntime:
     """The same network exported to ONNX and run by onnxruntime on the CPU: several times the
-    images/s of eager PyTorch there (benchmarks/score.py measures both)."""
+    images/s of eager PyTorch there (benchmarks/score.py measures both).
+
+    It pickles as the ONNX bytes alone: the scoring job exports once in the driver and each actor
+    opens a session on them, without rebuilding the PyTorch model (timm and torchvision imports,
+    the export: 2 s of each actor's start)."""
 
     def __init__(self, model: AgeModel, device: torch.device) -> None:
-        import onnxruntime
-
         size = model.config.image_size
         buffer = io.BytesIO()
         with warnings.catch_warnings():
@@ -80,11 +81,23 @@ class OnnxRuntime:
                 dynamic_axes={"image": {0: "batch"}},
                 dynamo=False,
             )
-        options = onnxruntime.SessionOptions()
-        # As many threads as torch was given (Ray sets it from the actor's CPUs), not one per core.
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.onnx = buffer.getvalue()
+        self._session: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"onnx": self.onnx, "_session": None}
+
+    @property
+    def session(self) -> Any:
+        """Opened on first use, with as many threads as torch has then (Ray sets it from the actor's CPUs)."""
+        if self._session is None:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            self._session = onnxruntime.InferenceSession(self.onnx, options, providers=["CPUExecutionProvider"])
+        return self._session
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.session.run(None, {"image": images.contiguous().numpy()})
@@ -104,7 +117,11 @@ def default_runtime(device: torch.device) -> str:
 
 
 class Predictor:
-    """Faces and their age, age group and gender, from images or already-cropped faces."""
+    """Faces and their age, age group and gender, from images or already-cropped faces.
+
+    With the onnx runtime it pickles without its PyTorch model (the exported network carries the
+    weights), so a copy unpickled in a Ray actor scores but has no `model` for Grad-CAM.
+    """
 
     def __init__(
         self,
@@ -120,7 +137,8 @@ class Predictor:
         model, crop, checkpoint = load_checkpoint(self.model_uri)
         self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: AgeModel = model.to(self.device)
+        self.model: AgeModel | None = model.to(self.device)
+        self.config: ModelConfig = model.config
         self.runtime_name = runtime or default_runtime(self.device)
         if self.runtime_name not in RUNTIMES:
             raise ValueError(f"unknown runtime {self.runtime_name!r}: use one of {sorted(RUNTIMES)}")
@@ -128,8 +146,13 @@ class Predictor:
         self.flip_tta = flip_tta
         self.batch_size = batch_size
         self.checkpoint_info = {k: checkpoint.get(k) for k in ("val_mae", "epoch")}
-        self.transform = image_transform(model.config.image_size, train=False)
         self._detector = detector
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {**self.__dict__, "_detector": None}  # detectors hold native handles; rebuilt on first use
+        if self.runtime_name == "onnx":
+            state["model"] = None
+        return state
 
     @property
     def detector(self) -> Detector:
@@ -140,7 +163,11 @@ class Predictor:
 
     @property
     def group_names(self) -> tuple[str, ...]:
-        return self.model.config.groups.names
+        return self.config.groups.names
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB crops (CHW or NCHW) -> the network's normalized input."""
+        return model_input(images, self.config.image_size)
 
     def _batch_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         if len({crop.shape for crop in crops}) == 1:
@@ -168,12 +195,12 @@ class Predictor:
         if self.flip_tta:
             for name in probabilities:
                 probabilities[name] = (probabilities[name] + flipped[name].softmax(-1)) / 2
-            if self.model.config.age_head == "distribution":
+            if self.config.age_head == "distribution":
                 mixed = (age_output.softmax(-1) + flipped["age"].softmax(-1)) / 2
                 age_output = mixed.log()
             else:
                 age_output = (age_output + flipped["age"]) / 2
-        age, age_std = self.model.age_estimate(age_output)
+        age, age_std = age_estimate(age_output, self.config)
         result = {"age": age, **probabilities}
         if age_std is not None:
             result["age_std"] = age_std

@@ -20,6 +20,7 @@ from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.crop import (
     FACE_FIELDS,
     JobSummary,
+    path_dataset,
     plan_inputs,
     read_payloads,
     rows_to_table,
@@ -107,14 +108,17 @@ class _LabelledOutput:
 
 
 class ScoreWorker(_LabelledOutput):
-    """CPU clusters: one actor reads, crops and scores (no crops cross the object store)."""
+    """CPU clusters: one actor reads, crops and scores (no crops cross the object store).
 
-    def __init__(self, settings: ScoreSettings, threads: int) -> None:
+    It gets the driver's Predictor, whose network is already exported to ONNX: the actor starts
+    without rebuilding the model."""
+
+    def __init__(self, settings: ScoreSettings, threads: int, predictor: Predictor) -> None:
         import torch
 
         super().__init__(settings.labels, settings.input)
         torch.set_num_threads(threads)
-        self.predictor = build_predictor(settings)
+        self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
@@ -171,7 +175,8 @@ def run_score(settings: ScoreSettings) -> JobSummary:
 
     if not settings.input or not settings.output:
         raise ValueError("score needs --input and --output")
-    _ = build_predictor(settings).detector  # fail fast on a bad model or detector before any work
+    predictor = build_predictor(settings)
+    _ = predictor.detector  # fail fast on a bad model or detector before any work
     if settings.labels.kind != "none":
         labels_lib.label_source(settings.labels, settings.input)
     todo, summary = plan_inputs(settings.input, settings.output)
@@ -180,29 +185,29 @@ def run_score(settings: ScoreSettings) -> JobSummary:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
-        dataset = ray.data.from_items([{"path": p} for p in todo])
+        actors = worker_count(settings.concurrency)
+        dataset, batch_size = path_dataset(todo, settings.batch_size, actors)
         if gpus and settings.gpu_fraction > 0:
             dataset = dataset.map_batches(
                 CropStageWorker,
                 fn_constructor_kwargs={"settings": settings},
-                batch_size=settings.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=worker_count(settings.concurrency)),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
                 batch_format="numpy",
             ).map_batches(
                 ModelStageWorker,
                 fn_constructor_kwargs={"settings": settings},
-                batch_size=settings.batch_size,
+                batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus / settings.gpu_fraction))),
                 num_gpus=settings.gpu_fraction,
                 batch_format="pyarrow",
             )
         else:
-            actors = worker_count(settings.concurrency)
             dataset = dataset.map_batches(
                 ScoreWorker,
-                fn_constructor_kwargs={"settings": settings, "threads": max(1, cpus // actors)},
-                batch_size=settings.batch_size,
+                fn_constructor_kwargs={"settings": settings, "threads": max(1, cpus // actors), "predictor": predictor},
+                batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
                 batch_format="numpy",

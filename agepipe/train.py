@@ -11,6 +11,7 @@ epoch through Ray Train, so a dead worker or an interrupted run resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -19,6 +20,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,12 +36,14 @@ from agepipe.config import AgeGroups, CropSettings, TrainSettings, from_dict, to
 from agepipe.crop import CROP_SETTINGS_FILE
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     AgeModel,
     ModelConfig,
+    age_estimate,
     checkpoint_dict,
     freeze_backbone,
+    model_input,
+    normalize_uint8,
+    resize_uint8,
     save_checkpoint,
     set_train_mode,
     unwrap,
@@ -107,7 +111,7 @@ def multitask_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of the three head losses, and the batch's predicted ages."""
     config = model.config
-    predicted, _ = model.age_estimate(outputs["age"])
+    predicted, _ = age_estimate(outputs["age"], config)
     if config.age_head == "distribution":
         target = age_targets(batch["age"], config.max_age, settings.label_sigma)
         distribution_loss = -(target * outputs["age"].log_softmax(-1)).sum(-1).mean()
@@ -130,29 +134,20 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[known], target[known])
 
 
-def image_transform(image_size: int, train: bool) -> v2.Compose:
+def image_transform(image_size: int, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 CHW tensor -> normalized float tensor; augmentation only for training."""
-    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        steps += [
+    if not train:
+        return functools.partial(model_input, size=image_size)
+    return v2.Compose(
+        [
+            functools.partial(resize_uint8, size=image_size),
             v2.RandomHorizontalFlip(),
             v2.RandomAffine(degrees=15, scale=(0.9, 1.1), translate=(0.05, 0.05)),
             # No hue jitter: it costs more than the rest of the augmentation together on CPU.
             v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
+            normalize_uint8,
         ]
-    steps.append(normalize_uint8)
-    return v2.Compose(steps)
-
-
-_NORMALIZE_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
-_NORMALIZE_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
-def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> contiguous float32 normalized with ImageNet's statistics: the arithmetic
-    of ToDtype(scale=True) + Normalize (to float rounding) in place on one contiguous copy, a third
-    of their time on a batch of channels-last crops (the scoring job's)."""
-    return images.contiguous().float().mul_(_NORMALIZE_SCALE).add_(_NORMALIZE_SHIFT)
+    )
 
 
 def decode_crop(data: bytes) -> torch.Tensor:
@@ -161,7 +156,9 @@ def decode_crop(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def to_tensors(batch: dict[str, np.ndarray], transform: v2.Compose, groups: AgeGroups) -> dict[str, torch.Tensor]:
+def to_tensors(
+    batch: dict[str, np.ndarray], transform: Callable[[torch.Tensor], torch.Tensor], groups: AgeGroups
+) -> dict[str, torch.Tensor]:
     """A Ray Data batch of crop rows -> model inputs and targets."""
     images = torch.stack([transform(decode_crop(b)) for b in batch["image"]])
     ages = np.array(batch["age"], dtype=np.float32)  # a writable copy for torch

@@ -12,11 +12,13 @@ from agepipe.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AgeModel,
+    age_estimate,
     backbone_stages,
     checkpoint_dict,
     create_backbone,
     freeze_backbone,
     load_checkpoint,
+    resize_uint8,
     save_checkpoint,
     set_train_mode,
 )
@@ -87,12 +89,22 @@ def test_unfreezing_more_stages_than_there_are_trains_every_stage(model: AgeMode
 
 
 def test_age_estimates_stay_in_range() -> None:
-    distribution = AgeModel(model_config(TrainSettings(age_head="distribution")), backbone_weights=False)
-    age, spread = distribution.age_estimate(torch.randn(4, 101) * 5)
+    age, spread = age_estimate(torch.randn(4, 101) * 5, model_config(TrainSettings(age_head="distribution")))
     assert ((age >= 0) & (age <= 100)).all() and (spread > 0).all()
-    regression = AgeModel(model_config(TrainSettings(age_head="regression")), backbone_weights=False)
-    age, spread = regression.age_estimate(torch.tensor([[-5.0], [50.0], [150.0]]))
+    regression = model_config(TrainSettings(age_head="regression"))
+    age, spread = age_estimate(torch.tensor([[-5.0], [50.0], [150.0]]), regression)
     assert age.tolist() == [0.0, 50.0, 100.0] and spread is None
+
+
+def test_resize_uint8_is_torchvisions_antialiased_resize_to_the_bit() -> None:
+    from torchvision.transforms import v2
+
+    pixels = torch.randint(0, 256, (4, 3, 224, 200), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = v2.Resize((128, 128), antialias=True)
+    assert torch.equal(resize_uint8(pixels, 128), reference(pixels))
+    assert torch.equal(resize_uint8(pixels[0], 128), reference(pixels[0]))
+    channels_last = pixels.contiguous(memory_format=torch.channels_last)  # how the scoring job's batch arrives
+    assert torch.equal(resize_uint8(channels_last, 128), reference(pixels))
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path, model: AgeModel) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from skimage import data
@@ -58,3 +63,25 @@ def test_same_size_crops_transformed_as_one_batch_predict_what_face_by_face_does
     for row, reference in zip(stacked, face_by_face, strict=True):
         assert row["age"] == pytest.approx(reference["age"], abs=1e-3)
         assert row["gender_prob"] == pytest.approx(reference["gender_prob"], abs=1e-4)
+
+
+def test_a_pickled_onnx_predictor_scores_the_same_without_timm_or_torchvision(predictors, crops, tmp_path) -> None:
+    """How the scoring job ships its Predictor to actors: the exported network, not the PyTorch model."""
+    shipped = tmp_path / "predictor.pkl"
+    shipped.write_bytes(pickle.dumps(predictors["onnx"]))
+    crops_file = tmp_path / "crops.npz"
+    np.savez(crops_file, *crops)
+    script = f"""
+import json, pickle, sys
+import numpy as np
+predictor = pickle.loads(open({str(shipped)!r}, "rb").read())
+crops = list(np.load({str(crops_file)!r}).values())
+rows = predictor.predict_crops(crops)
+print(json.dumps({{"ages": [r["age"] for r in rows], "model": predictor.model is None,
+    "heavy": sorted(m for m in ("timm", "torchvision") if m in sys.modules)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    shipped_result = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shipped_result["heavy"] == [] and shipped_result["model"] is True
+    expected = [row["age"] for row in predictors["onnx"].predict_crops(crops)]
+    assert shipped_result["ages"] == pytest.approx(expected, abs=1e-4)

@@ -20,11 +20,10 @@ from helpers import run_cli
 
 from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
-from agepipe.model import load_checkpoint
+from agepipe.model import load_checkpoint, normalize_uint8
 from agepipe.train import (
     LR_SCHEDULES,
     balancing_weights,
-    normalize_uint8,
     step_schedule,
     stratified_split,
     usable_rows,
