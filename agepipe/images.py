@@ -12,6 +12,7 @@ import io
 import sys
 import warnings
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -50,6 +51,9 @@ def decode(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+            fast = _decode_complete_color_jpeg(data, image)
+            if fast is not None:
+                return fast
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
@@ -63,6 +67,19 @@ def decode(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated" if "truncated" in str(exc) else "corrupt"
         raise ImageError(reason, str(exc)) from exc
+
+
+def _decode_complete_color_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
+    """A complete colour JPEG decoded by OpenCV, else None (PIL decodes it).
+
+    The same pixels as PIL's decode with EXIF orientation applied (tested) in half the time: half of
+    the non-model time per face when scoring aligned faces. Only files that end in the JPEG end marker:
+    libjpeg fills a truncated file with grey and warns, where PIL raises (the `truncated` reason).
+    """
+    if header.format != "JPEG" or header.mode != "RGB" or not data.endswith(b"\xff\xd9"):
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from agepipe.images import ImageError, decode, encode
 
@@ -22,12 +22,31 @@ def _photo(width: int = 64, height: int = 48) -> Image.Image:
     return Image.fromarray(gradient.astype(np.uint8), "RGB")
 
 
-def test_exif_orientation_is_applied() -> None:
+def _pil_decode(data: bytes) -> np.ndarray:
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_is_applied(orientation: int) -> None:
     image = _photo(64, 48)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    decoded = decode(_encode(image, "JPEG", exif=exif.tobytes()))
-    assert decoded.shape == (64, 48, 3)
+    exif[0x0112] = orientation  # 6: rotate 90 degrees clockwise when displayed
+    data = _encode(image, "JPEG", exif=exif.tobytes())
+    decoded = decode(data)
+    assert decoded.shape == ((64, 48, 3) if orientation in (6, 8) else (48, 64, 3))
+    np.testing.assert_array_equal(decoded, _pil_decode(data))
+
+
+def test_jpegs_decode_to_pils_pixels(utkface_dir) -> None:
+    """Complete colour JPEGs take OpenCV's faster decoder: the same pixels as PIL's."""
+    files = sorted(utkface_dir.iterdir())[::700]
+    for path in files:
+        data = path.read_bytes()
+        np.testing.assert_array_equal(decode(data), _pil_decode(data), err_msg=path.name)
+    gray = _encode(_photo().convert("L"), "JPEG")
+    np.testing.assert_array_equal(decode(gray), _pil_decode(gray))
+    with_trailer = _encode(_photo(), "JPEG") + b"camera trailer"  # not ending in the end marker: PIL decodes
+    np.testing.assert_array_equal(decode(with_trailer), _pil_decode(with_trailer))
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16", "1"])
