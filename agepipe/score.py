@@ -110,8 +110,8 @@ class _LabelledOutput:
 class ScoreWorker(_LabelledOutput):
     """CPU clusters: one actor reads, crops and scores (no crops cross the object store).
 
-    It gets the driver's Predictor, whose network is already exported to ONNX: the actor starts
-    without rebuilding the model."""
+    It gets the driver's Predictor: with the onnx runtime (the CPU default) that is the exported
+    network, so the actor starts without rebuilding the model."""
 
     def __init__(self, settings: ScoreSettings, threads: int, predictor: Predictor) -> None:
         import torch
