@@ -75,6 +75,7 @@ class CropJobSettings:
     labels: LabelSettings = field(default_factory=LabelSettings)
     batch_size: int = 500  # images per actor call, written as one Parquet file
     concurrency: int | None = None
+    gpu_fraction: float = 0.25  # of a GPU per detection actor, for detectors that run on one (yolo)
 
 
 T = TypeVar("T")

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from agepipe import labels as labels_lib
 from agepipe import storage
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings, to_dict
-from agepipe.faces import Detector, create_detector, crop_images
+from agepipe.faces import DETECTORS, Detector, create_detector, crop_images
 from agepipe.images import encode
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,23 @@ def worker_count(requested: int | None) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def plan_detection_pool(actors: int, uses_gpu: bool, cluster_gpus: float, gpu_fraction: float) -> tuple[int, float]:
+    """Actors for a detection stage and the GPU share each asks for. Ray hides the GPUs from an actor
+    that asks for none, so a detector that runs on a GPU gets `gpu_fraction` of one where the cluster
+    has GPUs, and the pool holds no more actors than the GPUs fit."""
+    if not (uses_gpu and cluster_gpus > 0 and gpu_fraction > 0):
+        return actors, 0.0
+    return min(actors, max(1, int(cluster_gpus / gpu_fraction))), gpu_fraction
+
+
+def detection_pool(detector: str, requested: int | None, gpu_fraction: float) -> tuple[int, float]:
+    """`plan_detection_pool` for `detector` on the running Ray cluster."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return plan_detection_pool(worker_count(requested), DETECTORS[detector].uses_gpu, gpus, gpu_fraction)
+
+
 CROP_SETTINGS_FILE = "_agepipe_crop.json"
 
 
@@ -292,7 +309,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     started = time.perf_counter()
     if todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-        actors = worker_count(settings.concurrency)
+        actors, gpus = detection_pool(settings.crop.detector, settings.concurrency, settings.gpu_fraction)
         dataset, batch_size = path_dataset(todo, settings.batch_size, actors)
         written = dataset.map_batches(
             CropWorker,
@@ -305,6 +322,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=1,
+            num_gpus=gpus,
             batch_format="numpy",
         )
         written.materialize()  # runs the job; what it holds is one row count per file

@@ -37,6 +37,7 @@ class Face:
 
 class Detector(Protocol):
     name: str
+    uses_gpu: bool  # runs on a GPU where its process can see one
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces per image, for RGB uint8 arrays."""
@@ -94,6 +95,7 @@ class WholeImage:
     """Every image is already an aligned face crop."""
 
     name = "none"
+    uses_gpu = False
 
     def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
         del weights, min_score, device
@@ -111,6 +113,7 @@ class YuNet:
     """
 
     name = "yunet"
+    uses_gpu = False
     max_side = 640
     pad_fraction = 0.25
 
@@ -145,6 +148,7 @@ class DlibHog:
     """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
 
     name = "dlib"
+    uses_gpu = False
     max_side = 800
 
     def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
@@ -178,6 +182,7 @@ class Yolo:
     """
 
     name = "yolo"
+    uses_gpu = True
     image_size = 640
 
     def __init__(self, weights: str | None = None, min_score: float = 0.5, device: Any = None):

@@ -126,10 +126,13 @@ class ScoreWorker(_LabelledOutput):
 
 
 class CropStageWorker:
-    """GPU clusters, stage 1 on CPU actors: read, detect and crop; crops travel as raw bytes."""
+    """GPU clusters, stage 1 on CPU actors: read, detect and crop; crops travel as raw bytes.
 
-    def __init__(self, settings: ScoreSettings) -> None:
-        self.predictor = build_predictor(settings, device="cpu")
+    It gets the driver's CPU Predictor for its crop settings and detector, not to build a model it
+    never runs."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
@@ -175,7 +178,8 @@ def run_score(settings: ScoreSettings) -> JobSummary:
 
     if not settings.input or not settings.output:
         raise ValueError("score needs --input and --output")
-    predictor = build_predictor(settings)
+    # On the CPU whatever the driver has: actors without a GPU share unpickle it.
+    predictor = build_predictor(settings, device="cpu")
     _ = predictor.detector  # fail fast on a bad model or detector before any work
     if settings.labels.kind != "none":
         labels_lib.label_source(settings.labels, settings.input)
@@ -190,7 +194,7 @@ def run_score(settings: ScoreSettings) -> JobSummary:
         if gpus and settings.gpu_fraction > 0:
             dataset = dataset.map_batches(
                 CropStageWorker,
-                fn_constructor_kwargs={"settings": settings},
+                fn_constructor_kwargs={"predictor": predictor},
                 batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,

@@ -239,8 +239,9 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    # On the training device: NCCL, the GPU process group's backend, reduces CUDA tensors only.
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
@@ -289,7 +290,7 @@ def run_epoch(
         ]
     for group, lr in zip(state.optimizer.param_groups, scheduled_lrs, strict=True):
         group["lr"] = lr  # the epoch schedule steps from the scheduled rate, not a warm-up one
-    loss_sum, abs_error, group_ok, gender_ok, gender_known, rows = _all_reduce_sum(totals.tolist())
+    loss_sum, abs_error, group_ok, gender_ok, gender_known, rows = _all_reduce_sum(totals.tolist(), device)
     rows = max(rows, 1)
     return {
         "loss": loss_sum / rows,
@@ -488,6 +489,16 @@ def crop_settings_of(data: str) -> CropSettings:
     return CropSettings()
 
 
+def require_gpus(settings: TrainSettings, cluster_gpus: float) -> None:
+    """Refuse a GPU run the cluster cannot hold: Ray Train would wait for the workers' GPUs for ever."""
+    if settings.use_gpu and cluster_gpus < settings.num_workers:
+        fix = f"--num-workers {int(cluster_gpus)}" if cluster_gpus >= 1 else "leave out --use-gpu"
+        raise ValueError(
+            f"--use-gpu needs one GPU per worker ({settings.num_workers}) but the Ray cluster has "
+            f"{cluster_gpus:g}: {fix}"
+        )
+
+
 def prepare_run(settings: TrainSettings) -> pd.DataFrame:
     """Start Ray, plan the split and balancing, and save settings and split with the run."""
     import ray
@@ -496,6 +507,7 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    require_gpus(settings, ray.cluster_resources().get("GPU", 0))
     # Per-epoch metrics are the progress report; Data's bars from inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan, dropped = plan_dataset(settings)

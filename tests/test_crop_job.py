@@ -15,7 +15,8 @@ from helpers import BAD_INPUT_ERRORS, bad_input_folder, run_cli
 from PIL import Image
 
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings
-from agepipe.crop import run_crop
+from agepipe.crop import plan_detection_pool, run_crop
+from agepipe.faces import DETECTORS
 
 CONTRACT_COLUMNS = {"path", "face_index", "x1", "y1", "x2", "y2", "image", "age", "gender", "error"}
 
@@ -158,3 +159,13 @@ def test_s3_input_and_output(s3_server, utk_sample, yunet_weights) -> None:
     assert set(frame["path"]) == {f"s3://photos/raw/batch1/{n}" for n in names}
     assert frame["error"].isna().sum() >= 19 and frame["age"].notna().all()
     assert "1 non-image files skipped" in result.stdout
+
+
+def test_detection_actors_take_a_gpu_share_only_for_gpu_detectors_on_gpu_clusters() -> None:
+    assert DETECTORS["yolo"].uses_gpu and not DETECTORS["yunet"].uses_gpu
+    assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=0, gpu_fraction=0.25) == (16, 0.0)
+    assert plan_detection_pool(16, uses_gpu=False, cluster_gpus=1, gpu_fraction=0.25) == (16, 0.0)
+    # Ray hides the GPU from actors that ask for none: YOLO asks for a share, no more actors than fit.
+    assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=1, gpu_fraction=0.25) == (4, 0.25)
+    assert plan_detection_pool(2, uses_gpu=True, cluster_gpus=2, gpu_fraction=0.25) == (2, 0.25)
+    assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=1, gpu_fraction=0.0) == (16, 0.0)

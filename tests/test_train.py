@@ -24,6 +24,7 @@ from agepipe.model import load_checkpoint, normalize_uint8
 from agepipe.train import (
     LR_SCHEDULES,
     balancing_weights,
+    require_gpus,
     step_schedule,
     stratified_split,
     usable_rows,
@@ -283,3 +284,13 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_loca
     model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
     assert model.config.dense_units == best["config"]["dense_units"]
     assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(tmp_path) -> None:
+    result = run_cli("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"), "--use-gpu")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--use-gpu needs one GPU per worker (2) but the Ray cluster has 0: leave out --use-gpu" in result.stderr
+    assert require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=2) is None
+    with pytest.raises(ValueError, match="--num-workers 1"):
+        require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=1)
