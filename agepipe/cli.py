@@ -164,9 +164,12 @@ TRAIN_FLAGS = (
 
 def train_settings(args: argparse.Namespace) -> config.TrainSettings:
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if hasattr(args, name)}
-    if args.pretrained is not None:
-        overrides["pretrained"] = None if args.pretrained == "none" else args.pretrained
-    return config.load(config.TrainSettings, args.config, **overrides)
+    if args.pretrained not in (None, "none"):
+        overrides["pretrained"] = args.pretrained
+    settings = config.load(config.TrainSettings, args.config, **overrides)
+    if args.pretrained == "none":
+        settings.pretrained = None  # set after loading: a None override counts as not given
+    return settings
 
 
 @command("train", add_train_arguments)
