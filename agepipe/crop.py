@@ -267,11 +267,14 @@ def plan_detection_pool(actors: int, uses_gpu: bool, cluster_gpus: float, gpu_fr
     return min(actors, max(1, int(cluster_gpus / gpu_fraction))), gpu_fraction
 
 
-def detection_pool(detector: str, requested: int | None, gpu_fraction: float) -> tuple[int, float]:
-    """`plan_detection_pool` for `detector` on the running Ray cluster."""
+def detection_pool(
+    detector: str, requested: int | None, gpu_fraction: float, gpu_share: float = 1.0
+) -> tuple[int, float]:
+    """`plan_detection_pool` for `detector` on the running Ray cluster, whose GPUs detection may hold
+    `gpu_share` of."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0) * gpu_share
     return plan_detection_pool(worker_count(requested), DETECTORS[detector].uses_gpu, gpus, gpu_fraction)
 
 

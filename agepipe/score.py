@@ -2,8 +2,8 @@
 
 Streams from a folder or `s3://` prefix through actor pools: on CPU-only
 clusters one pool reads, crops (the crop job's function) and runs the model;
-when the cluster has GPUs, cropping stays on CPU actors and the model runs on
-actors holding a fraction of a GPU. Every input image gets a row (scored,
+when the cluster has GPUs, cropping stays on CPU actors (a YOLO detector's with a
+GPU share) and the model runs on actors holding a fraction of a GPU. Every input image gets a row (scored,
 `no_face`, or an error), and re-running into the same output resumes.
 """
 
@@ -20,6 +20,7 @@ from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.crop import (
     FACE_FIELDS,
     JobSummary,
+    detection_pool,
     path_dataset,
     plan_inputs,
     read_payloads,
@@ -126,7 +127,8 @@ class ScoreWorker(_LabelledOutput):
 
 
 class CropStageWorker:
-    """GPU clusters, stage 1 on CPU actors: read, detect and crop; crops travel as raw bytes.
+    """GPU clusters, stage 1 on CPU actors (with a GPU share for a detector that runs on one): read,
+    detect and crop; crops travel as raw bytes.
 
     It gets the driver's CPU Predictor for its crop settings and detector, not to build a model it
     never runs."""
@@ -189,21 +191,30 @@ def run_score(settings: ScoreSettings) -> JobSummary:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
-        actors = worker_count(settings.concurrency)
+        gpu_path = gpus > 0 and settings.gpu_fraction > 0
+        if gpu_path:
+            # A detector that runs on a GPU (YOLO) holds up to half the GPUs; the model actors the rest.
+            actors, detector_gpus = detection_pool(
+                predictor.crop.detector, settings.concurrency, settings.gpu_fraction, gpu_share=0.5
+            )
+            model_actors = max(1, int((gpus - actors * detector_gpus) / settings.gpu_fraction))
+        else:
+            actors = worker_count(settings.concurrency)
         dataset, batch_size = path_dataset(todo, settings.batch_size, actors)
-        if gpus and settings.gpu_fraction > 0:
+        if gpu_path:
             dataset = dataset.map_batches(
                 CropStageWorker,
                 fn_constructor_kwargs={"predictor": predictor},
                 batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
+                num_gpus=detector_gpus,
                 batch_format="numpy",
             ).map_batches(
                 ModelStageWorker,
                 fn_constructor_kwargs={"settings": settings},
                 batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=max(1, int(gpus / settings.gpu_fraction))),
+                compute=ray.data.ActorPoolStrategy(size=model_actors),
                 num_gpus=settings.gpu_fraction,
                 batch_format="pyarrow",
             )

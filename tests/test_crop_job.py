@@ -169,3 +169,5 @@ def test_detection_actors_take_a_gpu_share_only_for_gpu_detectors_on_gpu_cluster
     assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=1, gpu_fraction=0.25) == (4, 0.25)
     assert plan_detection_pool(2, uses_gpu=True, cluster_gpus=2, gpu_fraction=0.25) == (2, 0.25)
     assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=1, gpu_fraction=0.0) == (16, 0.0)
+    # Scoring lets detection hold half of one GPU; its model actors take the other half.
+    assert plan_detection_pool(16, uses_gpu=True, cluster_gpus=0.5, gpu_fraction=0.25) == (2, 0.25)
