@@ -185,3 +185,28 @@ def test_a_bad_model_stops_the_job_with_a_message(bad_model, tmp_path) -> None:
         "score", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", str(tmp_path / bad_model)
     )
     assert result.returncode != 0 and "error" in result.stderr
+
+
+def test_gpu_path_plumbing_on_a_cluster_declaring_a_gpu(ray_local, utkface_dir, yunet_weights, tmp_path) -> None:
+    # Ray's GPU is a logical resource: a cluster that declares one runs the two-stage GPU path (crop actors,
+    # model actors holding GPU shares) here on the CPU, so its plumbing is checked without a GPU.
+    images = _link(sorted(utkface_dir.iterdir())[:40], tmp_path / "images")
+    overrides = {"detector_weights": yunet_weights}
+    script = (
+        "import ray, sys\n"
+        "ray.init(num_cpus=2, num_gpus=1)\n"
+        "from agepipe.config import ScoreSettings\n"
+        "from agepipe.score import run_score\n"
+        f"run_score(ScoreSettings(input={str(images)!r}, output=sys.argv[1], crop_overrides={overrides!r}))\n"
+    )
+    gpu_output = tmp_path / "gpu-path"
+    command = [sys.executable, "-c", script, str(gpu_output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpu_output = tmp_path / "cpu-path"
+    run_score(ScoreSettings(input=str(images), output=str(cpu_output), crop_overrides=overrides))
+    gpu = pq.read_table(gpu_output).to_pandas().sort_values("path").reset_index(drop=True)
+    cpu = pq.read_table(cpu_output).to_pandas().sort_values("path").reset_index(drop=True)
+    assert len(gpu) == len(cpu) == 40 and list(gpu["path"]) == list(cpu["path"])
+    assert np.abs(gpu["age"] - cpu["age"]).max() < 1e-3
+    assert list(gpu["gender"]) == list(cpu["gender"])
