@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 0])
     parser.add_argument("--repeats", type=int, nargs="+", default=[3, 3, 1])
     parser.add_argument("--detectors", nargs="+", default=["none", "yunet"])
+    parser.add_argument("--results", default="crop", help="name of the results files in benchmarks/results")
     parser.add_argument("--plain", nargs=3, metavar=("INPUT", "OUTPUT", "DETECTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
@@ -127,7 +128,7 @@ def main() -> None:
         "process, one Parquet file per 500 images, as the job writes. Runs alternate Ray and plain.",
         "Peak MiB: summed RSS of the process tree (Ray: driver, raylet, workers); shared pages count once per process.",
     ]
-    write_results("crop", rows, notes)
+    write_results(args.results, rows, notes)
 
 
 if __name__ == "__main__":
