@@ -133,6 +133,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-schedule", choices=["cosine", "plateau"], help="per-phase learning-rate schedule")
     parser.add_argument("--warmup-epochs", type=float, help="learning-rate ramp at the start of phase 2, in epochs")
     parser.add_argument("--unfreeze-stages", type=int, help="backbone stages trained in phase 2")
+    parser.add_argument(
+        "--train-batchnorm",
+        dest="freeze_batchnorm",
+        action="store_false",
+        default=None,
+        help="phase 2 also trains the unfrozen stages' BatchNorm (default: kept frozen)",
+    )
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
@@ -154,6 +161,7 @@ TRAIN_FLAGS = (
     "lr_schedule",
     "warmup_epochs",
     "unfreeze_stages",
+    "freeze_batchnorm",
     "patience",
     "limit",
     "num_workers",

@@ -172,6 +172,7 @@ class TrainSettings:
     phase2_lr: float = 5e-4
     weight_decay: float = 1e-4
     unfreeze_stages: int = 9  # all of efficientnet_lite0 (7 block stages, conv_head, bn2); more = all
+    freeze_batchnorm: bool = True  # BatchNorm of unfrozen stages keeps its ImageNet weights and statistics
     patience: int = 3
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.5  # linear learning-rate ramp over the start of phase 2

@@ -160,26 +160,29 @@ def backbone_stages(model: AgeModel) -> list[nn.Module]:
     return list(backbone.children())
 
 
-def freeze_backbone(model: AgeModel, trainable_top_stages: int = 0) -> None:
-    """Freeze the backbone except its top `trainable_top_stages` stages; BatchNorm stays frozen."""
+def freeze_backbone(model: AgeModel, trainable_top_stages: int = 0, freeze_batchnorm: bool = True) -> None:
+    """Freeze the backbone except its top `trainable_top_stages` stages; their BatchNorm layers stay
+    frozen too unless `freeze_batchnorm` is off."""
     for parameter in model.backbone.parameters():
         parameter.requires_grad = False
     stages = backbone_stages(model)
     for stage in stages[max(0, len(stages) - trainable_top_stages) :] if trainable_top_stages else []:
         for parameter in stage.parameters():
             parameter.requires_grad = True
-    for module in model.backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for parameter in module.parameters():
-                parameter.requires_grad = False
+    if freeze_batchnorm:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for parameter in module.parameters():
+                    parameter.requires_grad = False
 
 
 def set_train_mode(model: AgeModel) -> None:
-    """Train mode for the heads and dropout, eval mode for every backbone BatchNorm (frozen statistics)."""
+    """Train mode for the heads and dropout; a backbone BatchNorm updates its statistics only while its
+    own parameters train (`freeze_backbone`), so frozen layers keep their ImageNet statistics."""
     model.train()
     for module in model.backbone.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+            module.train(any(parameter.requires_grad for parameter in module.parameters()))
 
 
 def checkpoint_dict(model: AgeModel, crop: CropSettings, extra: dict[str, Any] | None = None) -> dict:

@@ -221,7 +221,7 @@ class PhaseState:
     def __init__(self, model: AgeModel, phase: int, settings: TrainSettings) -> None:
         import ray.train.torch
 
-        freeze_backbone(model, 0 if phase == 1 else settings.unfreeze_stages)
+        freeze_backbone(model, 0 if phase == 1 else settings.unfreeze_stages, settings.freeze_batchnorm)
         self.phase = phase
         self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
     table = pq.read_table(data, columns=["image", "age", "gender"]).to_pandas()
     table = table[table["age"].notna()].head(images)
     model = AgeModel(model_config(settings)).to(memory_format=torch.channels_last)
-    freeze_backbone(model, settings.unfreeze_stages)
+    freeze_backbone(model, settings.unfreeze_stages, settings.freeze_batchnorm)
     set_train_mode(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.phase2_lr)
     transform = image_transform(settings.image_size, train=True)

@@ -79,6 +79,19 @@ def test_phase_two_unfreezes_exactly_the_top_stages_without_batchnorm(model: Age
     assert model.shared.training
 
 
+def test_train_batchnorm_trains_and_updates_only_the_unfrozen_stages_batchnorm(model: AgeModel) -> None:
+    freeze_backbone(model, 2, freeze_batchnorm=False)
+    set_train_mode(model)
+    stages = backbone_stages(model)
+    top = {id(m) for stage in stages[-2:] for m in stage.modules()}
+    batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert any(id(m) in top for m in batchnorms) and any(id(m) not in top for m in batchnorms)
+    for module in batchnorms:
+        unfrozen = id(module) in top
+        assert module.training == unfrozen
+        assert all(p.requires_grad == unfrozen for p in module.parameters())
+
+
 def test_unfreezing_more_stages_than_there_are_trains_every_stage(model: AgeModel) -> None:
     stage_parameters = {id(p) for stage in backbone_stages(model) for p in stage.parameters()}
     freeze_backbone(model, len(backbone_stages(model)) + 5)

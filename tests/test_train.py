@@ -297,10 +297,12 @@ def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(tmp_path) 
         require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=1)
 
 
-def test_pretrained_none_flag_means_no_backbone_weights() -> None:
+def test_pretrained_none_and_train_batchnorm_flags_parse() -> None:
     def parsed(*flags: str) -> TrainSettings:
         return train_settings(build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags]))
 
     assert parsed("--pretrained", "none").pretrained is None
     assert parsed().pretrained == "default"
     assert parsed("--pretrained", "hub").pretrained == "hub"
+    assert parsed().freeze_batchnorm is True
+    assert parsed("--train-batchnorm").freeze_batchnorm is False
