@@ -472,7 +472,7 @@ def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus:
         filesystem=fs,
         columns=["path", "face_index", "image", "age", "gender"],
         file_extensions=["parquet"],
-        ray_remote_args={"num_cpus": cpus},
+        num_cpus=cpus,
     )
     dataset = dataset.map_batches(SplitFilter(copies), batch_format="pandas", num_cpus=cpus)
     # Crop datasets are often ordered (by file name, hence by age for UTKFace): without a full
