@@ -176,6 +176,7 @@ SETTINGS_SHOWN = (
     "lr_schedule",
     "warmup_epochs",
     "unfreeze_stages",
+    "freeze_batchnorm",
     "patience",
     "dense_units",
     "dropout",
@@ -266,7 +267,7 @@ def train_flags(train_settings: dict) -> str:
     """The `agepipe train` flags for the shown settings where the run differs from today's defaults."""
     defaults = TrainSettings()
     return "".join(
-        f" --{name.replace('_', '-')} {train_settings[name]}"
+        " --train-batchnorm" if name == "freeze_batchnorm" else f" --{name.replace('_', '-')} {train_settings[name]}"
         for name in SETTINGS_SHOWN
         if train_settings[name] != getattr(defaults, name)
     )
