@@ -187,11 +187,25 @@ def _train_workers(root_pid: int) -> list[psutil.Process]:
         children = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in children if "RayTrainWorker" in " ".join(p.cmdline() or [])]
+    return [p for p in children if "RayTrainWorker" in " ".join(_cmdline(p))]
 
 
-def _checkpoints(output: Path) -> list[Path]:
-    return sorted((output / "ray_train").glob("checkpoint_*"))
+def _cmdline(process: psutil.Process) -> list[str]:
+    """A process's command line; empty for one that has exited (a zombie has none to read)."""
+    try:
+        return process.cmdline() or []
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+def _checkpoints(output: Path) -> list[str]:
+    """Checkpoints Ray Train has registered (what a resumed run sees): a checkpoint folder appears before its
+    entry in the snapshot, and a run killed in between resumes from the one before."""
+    try:
+        snapshot = json.loads((output / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return sorted(result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"])
 
 
 def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -231,9 +245,9 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
             assert len(workers) == 2
             workers[0].kill()  # a worker dies mid-training
             # FailureConfig restarts the workers from the last checkpoint and training goes on.
-            seen = {p.name for p in _checkpoints(output)}
+            seen = set(_checkpoints(output))
             deadline = time.time() + 600
-            while not ({p.name for p in _checkpoints(output)} - seen):
+            while not (set(_checkpoints(output)) - seen):
                 assert first.poll() is None and time.time() < deadline, "no progress after the worker died"
                 time.sleep(0.5)
         finally:
