@@ -23,20 +23,21 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 def add_crop_settings(parser: argparse.ArgumentParser) -> None:
     """Detector and crop options shared by crop, score and serve."""
-    from agepipe.faces import DETECTORS
+    from agepipe.faces import CROP_GEOMETRIES, DETECTORS
 
     group = parser.add_argument_group("face detection and cropping")
     group.add_argument("--detector", choices=sorted(DETECTORS), help="face detector")
     group.add_argument("--detector-weights", help="detector weights: a path or URI")
     group.add_argument("--min-score", type=float, help="detector confidence threshold")
     group.add_argument("--all-faces", action="store_true", default=None, help="every face, not only the largest")
+    group.add_argument("--geometry", choices=sorted(CROP_GEOMETRIES), help="how a face is placed in its crop")
     group.add_argument("--margin", type=float, help="margin around the face box, fraction of its size")
     group.add_argument("--size", type=int, help="crop side in pixels")
 
 
 def crop_overrides(args: argparse.Namespace, prefix: str = "crop.") -> dict:
     """The crop flags as dotted settings keys (None where a flag was not given)."""
-    names = ("detector", "detector_weights", "min_score", "all_faces", "margin", "size")
+    names = ("detector", "detector_weights", "min_score", "all_faces", "geometry", "margin", "size")
     return {prefix + name: getattr(args, name) for name in names}
 
 
@@ -91,6 +92,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="add label_* columns: utkface, imdb, or a CSV/Parquet table URI")
     parser.add_argument("--batch-size", type=int, help="images per batch")
     parser.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU)")
+    parser.add_argument(
+        "--largest-face-only", action="store_true", default=None, help="score only the largest face of each image"
+    )
     add_flip_tta_argument(parser)
     parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
     add_crop_settings(parser)
@@ -110,6 +114,7 @@ def run_score_command(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         flip_tta=args.flip_tta,
         runtime=args.runtime,
+        largest_face_only=args.largest_face_only,
         crop_overrides=given_crop_overrides(args),
         **{"labels.kind": args.labels},
     )
@@ -125,6 +130,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", help="default, hub, none, or a weights path/URI")
     parser.add_argument("--age-head", choices=["distribution", "regression"])
     parser.add_argument("--image-size", type=int)
+    parser.add_argument(
+        "--augmentation", choices=["basic", "photo"], help="training augmentation (train.AUGMENTATIONS)"
+    )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--phase1-epochs", type=int)
     parser.add_argument("--phase2-epochs", type=int)
@@ -153,6 +161,7 @@ TRAIN_FLAGS = (
     "backbone",
     "age_head",
     "image_size",
+    "augmentation",
     "batch_size",
     "phase1_epochs",
     "phase2_epochs",
@@ -302,8 +311,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from agepipe.demo import run_demo
 
     result = run_demo(args.output)
-    print(result["summary"].render("score"))
-    print(f"report: {result['report']}")
+    print(f"\n{result['summary'].render('score')}\n\n{result['faces']}\n\nreport: {result['report']}")
     return 0
 
 

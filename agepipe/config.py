@@ -50,14 +50,30 @@ class LabelSettings:
     groups: AgeGroups = field(default_factory=AgeGroups)
 
 
+# Each detector's default confidence threshold, chosen from the precision/recall table over composite
+# photos and face-free photos in the README (benchmarks/thresholds.py).
+DETECTOR_MIN_SCORES = {"none": 0.0, "yunet": 0.8, "dlib": 0.6, "yolo": 0.5}
+
+
+def detector_min_score(detector: str, min_score: float | None) -> float:
+    """`min_score`, or the detector's default where it is None."""
+    return DETECTOR_MIN_SCORES.get(detector, 0.5) if min_score is None else float(min_score)
+
+
 @dataclass
 class CropSettings:
-    """Face detection and cropping; recorded in checkpoints so scoring crops like training."""
+    """Face detection and cropping; recorded in checkpoints so scoring crops like training.
+
+    `geometry` places the face in its crop (`faces.CROP_GEOMETRIES`): `box`, the face box grown by
+    `margin` into a square centred on it; `landmarks`, the five detector landmarks aligned to a
+    template (eyes level), the box crop for detectors without landmarks; `clamped`, the square shrunk
+    and moved to fit inside the image, which is how crops were made before this setting existed."""
 
     detector: str = "dlib"
     detector_weights: str | None = None
-    min_score: float = 0.6
+    min_score: float | None = None  # None: the detector's default (DETECTOR_MIN_SCORES)
     all_faces: bool = False
+    geometry: str = "box"
     margin: float = 0.15
     size: int = 224
     encoding: str = "jpeg"
@@ -79,6 +95,14 @@ class CropJobSettings:
 
 
 T = TypeVar("T")
+
+LEGACY_GEOMETRY = "clamped"
+
+
+def recorded_crop_settings(values: dict[str, Any]) -> CropSettings:
+    """Crop settings as recorded in a checkpoint or beside a crop dataset. Records older than the
+    `geometry` setting were cropped clamped, and keep that."""
+    return from_dict(CropSettings, {"geometry": LEGACY_GEOMETRY, **values})
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
@@ -144,6 +168,7 @@ class ScoreSettings:
     output: str = ""
     model: str | None = None
     crop_overrides: dict[str, Any] = field(default_factory=dict)
+    largest_face_only: bool = False  # every face is scored unless this is set
     labels: LabelSettings = field(default_factory=LabelSettings)
     batch_size: int = 256  # images per actor call and forward pass: 4% more images/s than 64 here
     concurrency: int | None = None
@@ -165,6 +190,7 @@ class TrainSettings:
     dense_units: int = 512
     dropout: float = 0.3
     image_size: int = 128
+    augmentation: str = "basic"  # train.AUGMENTATIONS: basic, or photo (adds low resolution, blur, JPEG)
     batch_size: int = 64
     phase1_epochs: int = 1
     phase2_epochs: int = 14  # 0.07 years better val MAE than 11 on the default model (card, runs 6-7)

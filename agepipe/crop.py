@@ -2,7 +2,8 @@
 
 Image paths are listed on the driver, then streamed through an actor pool where
 each actor loads its detector once, reads, decodes, detects, crops, encodes and
-labels a batch, and writes it as one Parquet file itself: crops never cross the
+labels a batch, and writes it as one Parquet file itself, named after the batch and
+written atomically, so a retried batch replaces its file (exactly once): crops never cross the
 object store and no write tasks compete for the CPUs, so memory stays flat
 however many images there are. Re-running into the same output skips the images
 already there.
@@ -10,6 +11,7 @@ already there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -113,17 +115,28 @@ def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: row.get(f.name) for f in schema} for row in rows], schema)
 
 
-def write_part(table: pa.Table, output: str) -> str:
-    """Write `table` as a new file of the Parquet dataset at `output`; returns its path.
+TEMPORARY_PREFIX = "_tmp-"  # Parquet readers skip names that start with "_"
 
-    Names are unique, so writers never collide; a file torn by an interrupted run
-    is removed on resume (`completed_paths`) and its images done again.
-    """
+
+def part_name(paths: list[str]) -> str:
+    """The output file name of a batch of inputs: the same batch always gets the same name."""
+    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()
+    return f"part-{digest[:32]}.parquet"
+
+
+def write_part(table: pa.Table, output: str, name: str) -> str:
+    """Write `table` as file `name` of the Parquet dataset at `output`, atomically; returns its path.
+
+    It is written under a temporary name and then renamed (a copy on S3, where each object appears
+    whole), so a reader never sees half a file, and a batch retried after a lost node or a failed task
+    replaces its own file instead of adding a second copy of its rows."""
     fs, root = storage.resolve(output)
     fs.create_dir(root, recursive=True)
-    path = f"{root.rstrip('/')}/part-{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, path, filesystem=fs)
-    return path
+    final = f"{root.rstrip('/')}/{name}"
+    temporary = f"{root.rstrip('/')}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}-{name}"
+    pq.write_table(table, temporary, filesystem=fs)
+    fs.move(temporary, final)
+    return final
 
 
 class CropWorker:
@@ -138,14 +151,9 @@ class CropWorker:
         self.label_fn = labels_lib.label_source(label_settings, input_root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = crop_rows(
-            [str(p) for p in batch["path"]],
-            self.detector,
-            self.crop_settings,
-            self.label_fn,
-            self.label_settings,
-        )
-        write_part(rows_to_table(rows, CROP_SCHEMA), self.output)
+        paths = [str(p) for p in batch["path"]]
+        rows = crop_rows(paths, self.detector, self.crop_settings, self.label_fn, self.label_settings)
+        write_part(rows_to_table(rows, CROP_SCHEMA), self.output, part_name(paths))
         return {"rows": np.array([len(rows)])}
 
 
@@ -163,6 +171,9 @@ def completed_paths(output: str) -> set[str]:
         raise storage.StorageError(f"output {output!r} exists and is not a directory")
     done: set[str] = set()
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type == pafs.FileType.File and entry.base_name.startswith(TEMPORARY_PREFIX):
+            fs.delete_file(entry.path)  # a writer that died before its rename
+            continue
         if entry.type != pafs.FileType.File or not entry.path.endswith(".parquet"):
             continue
         try:

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from agepipe.config import EvaluateSettings, ScoreSettings
 from agepipe.evaluate import run_evaluate
 from agepipe.predict import Predictor
@@ -41,4 +43,17 @@ def run_demo(output: str) -> dict[str, Any]:
     report = run_evaluate(
         EvaluateSettings(predictions=scores, output=f"{output}/report", crop_overrides=overrides, gradcam_faces=4)
     )
-    return {"summary": summary, "report": report["report"]}
+    return {"summary": summary, "report": report["report"], "faces": faces_table(pd.read_parquet(scores))}
+
+
+def faces_table(scores: pd.DataFrame) -> str:
+    """Each photo and what was found in it, one line per face, as a plain-text table."""
+    lines = [f"{'photo':<16} {'face':>4}  {'age':>5}  {'age group':<11} {'gender':<7} box"]
+    for row in scores.sort_values(["path", "face_index"]).itertuples():
+        name = Path(row.path).name
+        if pd.isna(row.face_index):
+            lines.append(f"{name:<16} {'-':>4}  {'':>5}  {row.error or '':<11}")
+            continue
+        box = ",".join(f"{v:.0f}" for v in (row.x1, row.y1, row.x2, row.y2))
+        lines.append(f"{name:<16} {int(row.face_index):>4}  {row.age:5.1f}  {row.age_group:<11} {row.gender:<7} {box}")
+    return "\n".join(lines)

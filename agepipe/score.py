@@ -161,7 +161,10 @@ class ModelStageWorker(_LabelledOutput):
 
 
 def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predictor:
-    overrides = {k: v for k, v in settings.crop_overrides.items() if v is not None}
+    """The job's Predictor: the model's crop settings with the job's overrides; every face of an image
+    unless `largest_face_only` (the model's own crop keeps the largest, whose label training had)."""
+    overrides = {"all_faces": not settings.largest_face_only}
+    overrides.update({k: v for k, v in settings.crop_overrides.items() if v is not None})
     return Predictor(
         settings.model,
         overrides,

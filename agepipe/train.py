@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from agepipe import storage
-from agepipe.config import AgeGroups, CropSettings, TrainSettings, from_dict, to_dict
+from agepipe.config import AgeGroups, CropSettings, TrainSettings, from_dict, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import (
@@ -134,19 +134,51 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[known], target[known])
 
 
-def image_transform(image_size: int, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 CHW tensor -> normalized float tensor; augmentation only for training."""
+class DownUp:
+    """Downscale to a random fraction of the side, then back: the blur of a small face upscaled."""
+
+    def __init__(self, scale: tuple[float, float]) -> None:
+        self.scale = scale
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        side = image.shape[-1]
+        small = max(8, round(side * float(torch.empty(1).uniform_(*self.scale))))
+        return resize_uint8(resize_uint8(image, small), side)
+
+
+def basic_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    return [
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=15, scale=(0.9, 1.1), translate=(0.05, 0.05)),
+        # No hue jitter: it costs more than the rest of the augmentation together on CPU.
+        v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
+    ]
+
+
+def photo_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The basic set plus what faces in wide photos suffer: low resolution, blur, JPEG compression."""
+    return [
+        *basic_augmentation(),
+        v2.RandomApply([DownUp(scale=(0.3, 0.8))], p=0.3),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.2),
+        v2.RandomApply([v2.JPEG(quality=(50, 95))], p=0.3),
+    ]
+
+
+AUGMENTATIONS: dict[str, Callable[[], list[Callable[[torch.Tensor], torch.Tensor]]]] = {
+    "basic": basic_augmentation,
+    "photo": photo_augmentation,
+}
+
+
+def image_transform(image_size: int, train: bool, augmentation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 CHW tensor -> normalized float tensor; augmentation (by name) only for training."""
     if not train:
         return functools.partial(model_input, size=image_size)
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}: use one of {sorted(AUGMENTATIONS)}")
     return v2.Compose(
-        [
-            functools.partial(resize_uint8, size=image_size),
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=15, scale=(0.9, 1.1), translate=(0.05, 0.05)),
-            # No hue jitter: it costs more than the rest of the augmentation together on CPU.
-            v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
-            normalize_uint8,
-        ]
+        [functools.partial(resize_uint8, size=image_size), *AUGMENTATIONS[augmentation](), normalize_uint8]
     )
 
 
@@ -253,7 +285,7 @@ def run_epoch(
     """One pass over a data shard; metrics summed over all workers. The first `warmup_steps`
     optimizer steps ramp the learning rate up to the scheduled one."""
     model = unwrap(state.model)
-    transform = image_transform(settings.image_size, train)
+    transform = image_transform(settings.image_size, train, settings.augmentation)
     totals = np.zeros(6)  # loss, abs error, group correct, gender correct, gender known, rows
     if train:
         set_train_mode(model)
@@ -484,7 +516,7 @@ def crop_settings_of(data: str) -> CropSettings:
     """The crop settings the dataset was made with (recorded by the crop job), for the checkpoint."""
     path = storage.join(data, CROP_SETTINGS_FILE)
     if storage.exists(path):
-        return from_dict(CropSettings, json.loads(storage.read_bytes(path))["crop"])
+        return recorded_crop_settings(json.loads(storage.read_bytes(path))["crop"])
     logger.warning("%s has no recorded crop settings; assuming defaults", data)
     return CropSettings()
 

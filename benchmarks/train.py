@@ -38,7 +38,7 @@ def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
     freeze_backbone(model, settings.unfreeze_stages, settings.freeze_batchnorm)
     set_train_mode(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.phase2_lr)
-    transform = image_transform(settings.image_size, train=True)
+    transform = image_transform(settings.image_size, True, settings.augmentation)
     started = time.perf_counter()
     for start in range(0, len(table), settings.batch_size):
         rows = table.iloc[start : start + settings.batch_size]

@@ -23,17 +23,12 @@ def test_detectors_that_need_weights_say_so() -> None:
             create_detector(name)
 
 
-@pytest.mark.parametrize(
-    ("box", "size"),
-    [((10, 10, 50, 70), (200, 100)), ((0, 0, 30, 30), (100, 100)), ((80, 5, 99, 95), (100, 100))],
-)
-def test_square_crop_box_is_square_inside_and_covers_the_face(box, size) -> None:
-    width, height = size
-    left, top, right, bottom = square_crop_box(box, 0.15, width, height)
-    assert right - left == bottom - top
-    assert left >= 0 and top >= 0 and right <= width and bottom <= height
-    if right - left < min(width, height):  # only a crop limited by the image may cut the face
-        assert left <= box[0] and top <= box[1] and right >= box[2] and bottom >= box[3]
+@pytest.mark.parametrize("box", [(10, 10, 50, 70), (0, 0, 30, 30), (80, 5, 99, 95), (-20, 40, 60, 160)])
+def test_square_crop_box_is_centred_on_the_face_and_grown_by_the_margin(box) -> None:
+    left, top, side = square_crop_box(box, 0.15)
+    assert side == pytest.approx(max(box[2] - box[0], box[3] - box[1]) * 1.3)
+    assert left + side / 2 == pytest.approx((box[0] + box[2]) / 2)
+    assert top + side / 2 == pytest.approx((box[1] + box[3]) / 2)
 
 
 def test_crop_is_uint8_of_the_configured_size_and_not_dark() -> None:
@@ -49,6 +44,7 @@ def test_crop_is_uint8_of_the_configured_size_and_not_dark() -> None:
 def test_largest_face_first_and_all_faces_option() -> None:
     class TwoFaces:
         name = "two"
+        whole_image = False
 
         def detect(self, images):
             return [[Face((0, 0, 10, 10), 0.9), Face((20, 20, 60, 60), 0.8)] for _ in images]

