@@ -74,7 +74,7 @@ class CropSettings:
     min_score: float | None = None  # None: the detector's default (DETECTOR_MIN_SCORES)
     all_faces: bool = False
     geometry: str = "box"
-    margin: float = 0.15
+    margin: float = 0.0
     size: int = 224
     encoding: str = "jpeg"
     jpeg_quality: int = 95

@@ -251,21 +251,19 @@ def _five_points(result: Any, count: int) -> list[tuple[tuple[float, float], ...
 
 # ---------------------------------------------------------------- crop geometry
 #
-# A geometry maps a face to the affine transform from source pixels to crop pixels. The crop is then
-# warped with that transform; what falls outside the image is filled by reflection (BORDER_REFLECT_101):
-# it continues the texture and colours at the image edge, so no artificial frame appears that aligned
-# datasets (whose faces reach the edge) would show and wide photos would not.
+# A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
+# the image is filled with ImageNet's mean colour, which the network's input normalization turns into
+# zeros: the most neutral input there is. Reflection would mirror the face into the border (a second
+# chin or row of eyes wherever an aligned dataset's face reaches its image's edge).
 
-FILL_MODE = cv2.BORDER_REFLECT_101
+FILL_MODE = cv2.BORDER_CONSTANT
+FILL_COLOUR = (124, 116, 104)
 
-# Five landmarks of a face in a unit square that spans its face box (eyebrows to chin): the
-# ArcFace alignment template (112 x 112 pixels) divided by its side.
-LANDMARK_TEMPLATE = (
-    np.array(
-        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-        dtype=np.float64,
-    )
-    / 112.0
+# Five landmarks in a face's square box, as fractions of its side: the median positions, left-right
+# symmetrized, of YuNet's landmarks within YuNet's own face boxes over UTKFace (one image in 100).
+# The landmark crop so frames the same region as the box crop, eyes level and at a fixed scale.
+LANDMARK_TEMPLATE = np.array(
+    [[0.310, 0.363], [0.690, 0.363], [0.500, 0.581], [0.337, 0.730], [0.663, 0.730]], dtype=np.float64
 )
 
 
@@ -349,7 +347,9 @@ def warp_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[np.n
         local[:, 0] *= patch.shape[1] / shrunk[0]
         local[:, 1] *= patch.shape[0] / shrunk[1]
         patch = cv2.resize(patch, shrunk, interpolation=cv2.INTER_AREA)
-    crop = cv2.warpAffine(patch, local, (size, size), flags=cv2.INTER_LINEAR, borderMode=FILL_MODE)
+    crop = cv2.warpAffine(
+        patch, local, (size, size), flags=cv2.INTER_LINEAR, borderMode=FILL_MODE, borderValue=FILL_COLOUR
+    )
     return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
 
 
@@ -363,9 +363,9 @@ def _square_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[n
     patch = image[max(top, 0) : max(min(bottom, height), 0), max(left, 0) : max(min(right, width), 0)]
     pads = (max(-top, 0), max(bottom - height, 0), max(-left, 0), max(right - width, 0))
     if patch.size == 0:
-        patch = np.zeros((side, side, image.shape[2]), dtype=image.dtype)
+        patch = np.full((side, side, image.shape[2]), FILL_COLOUR, dtype=image.dtype)
     elif any(pads):
-        patch = cv2.copyMakeBorder(patch, *pads, FILL_MODE)
+        patch = cv2.copyMakeBorder(patch, *pads, FILL_MODE, value=FILL_COLOUR)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     crop = cv2.resize(patch, (size, size), interpolation=interpolation)
     return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
