@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agepipe import config
+from agepipe.cluster import ClusterUnreachable
 from agepipe.storage import StorageError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, run = COMMANDS[args.command]
     try:
         return run(args)
-    except (ValueError, StorageError, FileNotFoundError) as exc:
+    except (ValueError, StorageError, FileNotFoundError, ClusterUnreachable) as exc:
         print(f"agepipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

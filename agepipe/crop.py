@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from agepipe import labels as labels_lib
 from agepipe import storage
+from agepipe.cluster import init_ray
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings, to_dict
 from agepipe.faces import DETECTORS, Detector, create_detector, crop_images
 from agepipe.images import encode
@@ -322,7 +323,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     record_crop_settings(settings)
     started = time.perf_counter()
     if todo:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        init_ray(log_to_driver=False)
         actors, gpus = detection_pool(settings.crop.detector, settings.concurrency, settings.gpu_fraction)
         dataset, batch_size = path_dataset(todo, settings.batch_size, actors)
         written = dataset.map_batches(

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from agepipe import labels as labels_lib
+from agepipe.cluster import init_ray
 from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.crop import (
     FACE_FIELDS,
@@ -191,7 +192,7 @@ def run_score(settings: ScoreSettings) -> JobSummary:
     todo, summary = plan_inputs(settings.input, settings.output)
     started = time.perf_counter()
     if todo:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        init_ray(log_to_driver=False)
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
         gpu_path = gpus > 0 and settings.gpu_fraction > 0

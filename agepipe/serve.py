@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from agepipe import config, storage
+from agepipe.cluster import init_ray
 from agepipe.config import ServeSettings
 from agepipe.images import ImageError, decode, encode
 
@@ -349,7 +350,7 @@ def start_server(settings: ServeSettings, name: str = "agepipe", route_prefix: s
 
     if not ray.is_initialized():
         apply_ray_serve_env(settings.ray_serve_env)
-        ray.init(include_dashboard=False)
+        init_ray(include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=name, route_prefix=route_prefix)
     return f"http://{settings.host}:{settings.port}{route_prefix}"

@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from agepipe import storage
+from agepipe.cluster import init_ray
 from agepipe.config import AgeGroups, CropSettings, TrainSettings, from_dict, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
 from agepipe.labels import GENDERS, group_index
@@ -538,7 +539,7 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
 
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    init_ray(log_to_driver=True)
     require_gpus(settings, ray.cluster_resources().get("GPU", 0))
     # Per-epoch metrics are the progress report; Data's bars from inside workers would flood the log.
     ray.data.DataContext.get_current().enable_progress_bars = False

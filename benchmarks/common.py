@@ -84,15 +84,19 @@ def median(values: list[float]) -> float:
 def write_results(name: str, rows: list[dict], notes: list[str]) -> str:
     """Print and save a Markdown table (`results/<name>.md`) and the raw rows (`.json`)."""
     RESULTS.mkdir(exist_ok=True)
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
-    table = "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
+    table = markdown_table(rows) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     (RESULTS / f"{name}.md").write_text(table)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
     print(table)
     return table
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table of dicts that share their keys (floats to two decimals)."""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _cell(value: object) -> str:

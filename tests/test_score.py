@@ -51,6 +51,7 @@ def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkfac
             input=str(images),
             output=str(output),
             crop_overrides={"detector_weights": yunet_weights},
+            largest_face_only=True,  # the labelled face, as the card measures
             labels=LabelSettings(kind="utkface"),
         )
     )
@@ -63,7 +64,7 @@ def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkfac
     assert set(faces["age_group"]) <= {"Child", "Youth", "Adult", "Middle Age", "Senior"}
 
 
-def test_scenes_with_several_faces_get_boxes_where_faces_were_pasted(ray_local, utkface_dir, yunet_weights, tmp_path):
+def test_score_finds_every_face_of_a_photo_by_default(ray_local, utkface_dir, yunet_weights, tmp_path):
     rng = np.random.default_rng(11)
     files = sorted(utkface_dir.iterdir())
     folder = tmp_path / "scenes"
@@ -76,9 +77,12 @@ def test_scenes_with_several_faces_get_boxes_where_faces_were_pasted(ray_local, 
         Image.fromarray(scene).save(path)
         pasted[str(path)] = boxes
     output = tmp_path / "scores"
-    overrides = {"detector": "yunet", "detector_weights": yunet_weights, "all_faces": True}
+    overrides = {"detector": "yunet", "detector_weights": yunet_weights}  # no all_faces: the default
     run_score(ScoreSettings(input=str(folder), output=str(output), crop_overrides=overrides))
     frame = pq.read_table(output).to_pandas()
+    largest = tmp_path / "largest"
+    run_score(ScoreSettings(input=str(folder), output=str(largest), crop_overrides=overrides, largest_face_only=True))
+    assert pq.read_table(largest).to_pandas().groupby("path").size().max() == 1
     matched = total = 0
     for path, boxes in pasted.items():
         rows = frame[(frame["path"] == path) & frame["face_index"].notna()]

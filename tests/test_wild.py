@@ -1,0 +1,41 @@
+"""Faces in wide photos: no faces on face-free photos at the default thresholds, and the in-the-wild
+evaluation (benchmarks/wild.py) end to end on a small sample."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from wild import evaluate_wild, face_free_set  # noqa: E402
+
+from agepipe.faces import create_detector  # noqa: E402
+from agepipe.predict import DEFAULT_MODEL  # noqa: E402
+
+
+@pytest.mark.parametrize("detector", ["yunet", "dlib"])
+def test_face_free_photos_give_no_faces_at_the_default_thresholds(detector, yunet_weights, tmp_path) -> None:
+    photos = face_free_set(tmp_path, seed=0)
+    found = create_detector(detector, yunet_weights if detector == "yunet" else None)
+    faces = {p.name: found.detect([np.asarray(Image.open(p).convert("RGB"))])[0] for p in photos}
+    assert len(photos) >= 90
+    assert not {name: f for name, f in faces.items() if f}
+
+
+def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, yunet_weights, tmp_path) -> None:
+    split = DEFAULT_MODEL.with_name("default_split.parquet")
+    rows = {row["system"]: row for row in evaluate_wild(tmp_path, 12, 3, None, split, with_peer=False)}
+    photos, aligned = rows["agepipe, photos"], rows["agepipe, same faces aligned"]
+    assert photos["faces"] == aligned["faces"] >= 12
+    assert photos["recall"] >= 0.9 and photos["false faces / photo"] <= 0.2
+    for row in (photos, aligned):
+        assert 0 < row["MAE"] < 15 and 0.3 < row["age-group acc"] <= 1 and 0.5 < row["gender acc"] <= 1
+    # Only held-out faces: every placed face comes from the model's test split.
+    names = {Path(p).name for p in (tmp_path / "aligned").iterdir()}
+    split_names = pd.read_parquet(split)
+    assert names <= set(split_names.loc[split_names["split"] == "test", "name"])
