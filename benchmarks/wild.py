@@ -114,19 +114,19 @@ def background(photos: list[np.ndarray], size: tuple[int, int], rng: np.random.G
 
 
 def paste_face(photo: np.ndarray, face: np.ndarray, center: tuple[float, float], side: float, angle: float) -> None:
-    """Blend `face` (a square image) into `photo` scaled to `side`, rotated by `angle` degrees about its
-    centre at `center`, through a feathered mask so no hard square edge shows."""
+    """Put `face` (a square image) into `photo` scaled to `side`, rotated by `angle` degrees about its
+    centre at `center`. The whole face image goes in, its edge softened by a pixel only: UTKFace's images
+    end at the jaw and the hairline, so a wider feather would blend away part of the face itself (a
+    feather of 6% of the side raised MAE by a year; hard edges kept it at the aligned figure)."""
     height, width = photo.shape[:2]
     n = face.shape[0]
     scale = side / n
     transform = cv2.getRotationMatrix2D((n / 2, n / 2), angle, scale)
     transform[:, 2] += np.array(center) - np.array([n / 2, n / 2])
-    mask = np.zeros((n, n), np.float32)
-    inset = int(n * 0.06)
-    mask[inset : n - inset, inset : n - inset] = 1.0
-    mask = cv2.GaussianBlur(mask, (0, 0), n * 0.04)
-    warped = cv2.warpAffine(face, transform, (width, height), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    alpha = cv2.warpAffine(mask, transform, (width, height))[:, :, None]
+    flags = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    warped = cv2.warpAffine(face, transform, (width, height), flags=flags)
+    alpha = cv2.warpAffine(np.ones((n, n), np.float32), transform, (width, height), flags=cv2.INTER_LINEAR)
+    alpha = cv2.GaussianBlur(alpha, (3, 3), 0.7)[:, :, None]
     photo[:] = (photo * (1 - alpha) + warped * alpha).round().clip(0, 255).astype(np.uint8)
 
 
@@ -176,6 +176,7 @@ def build_photos(faces: pd.DataFrame, folder: Path, count: int, seed: int) -> pd
     """`count` photos from `faces` (each face used at most once) into `folder`; one truth row per
     placed face (and none for photos without faces): photo path, centre, face size, source and labels."""
     rng = np.random.default_rng(seed)
+    folder = folder.resolve()  # the scoring job reports absolute paths
     folder.mkdir(parents=True, exist_ok=True)
     backgrounds = list(face_free_photos().values())
     order = rng.permutation(len(faces))
@@ -283,7 +284,7 @@ def evaluate_wild(
     rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, len(truth), groups)})
     rows[-1]["false faces / photo"] = float("nan")
     if with_peer:
-        peer = peer_photos(sorted(set(str(p) for p in (folder / "photos").glob("*.jpg"))))
+        peer = peer_photos(sorted(set(truth["path"]) | {str(p.resolve()) for p in (folder / "photos").glob("*.jpg")}))
         peer = peer.rename(columns={"age": "age", "gender": "gender"}).assign(age_group=None)
         peer["age_group"] = [group_name(a, groups) for a in peer["age"]]
         peer_matched, peer_false = match_faces(truth, peer)

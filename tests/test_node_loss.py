@@ -105,3 +105,45 @@ def test_score_is_exactly_once_when_a_worker_node_dies(cluster, images, model_pa
                "--detector", "none", "--batch-size", str(BATCH)]  # fmt: skip
     run_with_a_node_killed(cluster_handle, workers, command, output, kill_after_seconds)
     assert_exactly_once(output, images)
+
+
+def test_training_finishes_from_its_checkpoint_when_a_worker_node_dies(utkface_dir, tmp_path) -> None:
+    """Two 2-CPU worker nodes (and a head with none), so each DDP worker has a node; one node is killed
+    after the first checkpoint, a replacement joins (as an autoscaler would add one), and the run goes on
+    from its checkpoint to the end."""
+    from ray.cluster_utils import Cluster
+    from test_train import _checkpoints, _wait_for_checkpoints
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(utkface_dir))[::89][:160]:
+        shutil.copy(utkface_dir / name, images / name)
+    faces = tmp_path / "faces"
+    crop = subprocess.run([sys.executable, "-m", "agepipe.cli", "crop", "--input", str(images), "--output",
+                           str(faces), "--labels", "utkface", "--detector", "none", "--size", "64"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert crop.returncode == 0, crop.stderr[-2000:]
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    output = tmp_path / "run"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agepipe.cli", "train", "--data", str(faces), "--output", str(output),
+             "--image-size", "64", "--batch-size", "32", "--num-workers", "2", "--phase1-epochs", "1",
+             "--phase2-epochs", "3", "--patience", "10"],
+            env={**os.environ, "RAY_ADDRESS": cluster.address},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        _wait_for_checkpoints(output, 1, process)
+        cluster.remove_node(nodes[0], allow_graceful=False)
+        cluster.add_node(num_cpus=2)
+        out, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, out[-3000:]
+    finally:
+        cluster.shutdown()
+    metrics = pd.read_csv(output / "metrics.csv")
+    assert list(metrics["epoch"]) == list(range(4)), "epochs were lost or repeated"
+    assert "RETRY" in out and _checkpoints(output), "the run did not go through Ray Train's failure handling"

@@ -1,0 +1,108 @@
+"""What costs accuracy in photos, one factor at a time: the same held-out faces scored aligned, then
+pasted into a 640x480 photo with one change each (background, size, rotation, blur, JPEG).
+
+    .venv/bin/python benchmarks/wild_factors.py [--faces 300] [--model PATH] [--split PATH] [--results NAME]
+
+Each face goes through the Predictor as `agepipe score` runs it (the model's crop settings, every face);
+the face found nearest the pasted centre is the one measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import write_results  # noqa: E402
+from wild import face_free_photos, held_out_faces, paste_face  # noqa: E402
+
+from agepipe.config import shared_data_dir  # noqa: E402
+from agepipe.faces import FILL_COLOUR  # noqa: E402
+from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+
+CENTRE = (320.0, 240.0)
+
+
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def factors(backgrounds: list[np.ndarray], rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Name -> a function from a UTKFace image to the photo that tests that factor alone."""
+
+    def photo(face: np.ndarray, textured: bool = True, side: float = 200, angle: float = 0) -> np.ndarray:
+        if textured:
+            canvas = cv2.resize(backgrounds[int(rng.integers(len(backgrounds)))], (640, 480))
+        else:
+            canvas = np.full((480, 640, 3), FILL_COLOUR, np.uint8)
+        paste_face(canvas, face, CENTRE, side, angle)
+        return canvas
+
+    return {
+        "aligned (the face image alone)": lambda face: face,
+        "on the fill colour, 200 px": lambda face: photo(face, textured=False),
+        "on a photo background, 200 px": photo,
+        "80 px": lambda face: photo(face, side=80),
+        "rotated 12 degrees": lambda face: photo(face, angle=12),
+        "blurred (sigma 1.5)": lambda face: photo(cv2.GaussianBlur(face, (0, 0), 1.5)),
+        "JPEG quality 70": lambda face: jpeg(photo(face), 70),
+        "brightness x0.7": lambda face: photo((face * 0.7).astype(np.uint8)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faces", type=int, default=300)
+    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
+    parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
+    parser.add_argument("--results", default="wild-factors")
+    args = parser.parse_args()
+    faces = held_out_faces(args.split, shared_data_dir() / "data" / "utkface").sample(args.faces, random_state=0)
+    predictor = Predictor(args.model, {"all_faces": True})
+    rng = np.random.default_rng(0)
+    variants = factors(list(face_free_photos().values()), rng)
+    errors: dict[str, list[float]] = {name: [] for name in variants}
+    for face in faces.itertuples():
+        image = np.asarray(Image.open(face.source).convert("RGB"))
+        for name, make in variants.items():
+            rows = [r for r in predictor.crop_images([make(image)])[0] if r["crop"] is not None]
+            if not rows:
+                errors[name].append(np.nan)
+                continue
+            if name.startswith("aligned"):
+                nearest = rows[0]
+            else:
+                nearest = min(
+                    rows, key=lambda r: np.hypot((r["x1"] + r["x2"]) / 2 - 320, (r["y1"] + r["y2"]) / 2 - 240)
+                )
+            errors[name].append(predictor.predict_crops([nearest["crop"]])[0]["age"] - face.age)
+    rows = []
+    aligned = np.nanmean(np.abs(errors[next(iter(errors))]))
+    for name, values in errors.items():
+        values = np.array(values)
+        mae = float(np.nanmean(np.abs(values)))
+        rows.append({"photo": name, "found": float(np.isfinite(values).mean()), "MAE": mae,
+                     "MAE - aligned": mae - aligned, "bias": float(np.nanmean(values))})  # fmt: skip
+    write_results(
+        args.results,
+        rows,
+        [
+            f"`benchmarks/wild_factors.py --faces {args.faces}`"
+            + (f" --model {args.model}" if args.model else "")
+            + f": {args.faces} faces of the test split in {args.split.name}, each pasted whole at the photo's centre.",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
