@@ -73,7 +73,7 @@ class CropSettings:
     detector_weights: str | None = None
     min_score: float | None = None  # None: the detector's default (DETECTOR_MIN_SCORES)
     all_faces: bool = False
-    geometry: str = "box"
+    geometry: str = "landmarks"
     margin: float = 0.0
     size: int = 224
     encoding: str = "jpeg"

