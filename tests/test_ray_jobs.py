@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,7 @@ def head(tmp_path):
     """A Ray head on its own ports, its `python` the one agepipe is installed in (first on PATH); stopped
     by process id (not `ray stop`, which would stop every Ray on the machine), its cluster file removed."""
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client, node_manager, object_manager = free_ports(9)
+    ray_temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     address_file = recorded_address_file()
     before = address_file.read_text() if address_file.is_file() else None
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
@@ -61,7 +63,7 @@ def head(tmp_path):
             "--max-worker-port=21999",
             "--num-cpus=2",
             "--disable-usage-stats",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={ray_temp}",
         ],  # fmt: skip
         env=env,
         capture_output=True,
@@ -75,12 +77,13 @@ def head(tmp_path):
     api = f"http://127.0.0.1:{dashboard}"
     yield {**env, "RAY_API_SERVER_ADDRESS": api, "RAY_ADDRESS": api}, tmp_path
     for process in psutil.process_iter(["cmdline"]):
-        with_ours = str(tmp_path / "ray") in " ".join(process.info["cmdline"] or []) or process in head_processes
+        with_ours = str(ray_temp) in " ".join(process.info["cmdline"] or []) or process in head_processes
         if with_ours:
             with contextlib.suppress(psutil.Error):
                 process.send_signal(signal.SIGKILL)
     if address_file.is_file() and address_file.read_text() != before and str(gcs) in address_file.read_text():
         address_file.unlink()
+    shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def submit(env: dict, *job: str) -> str:
