@@ -25,9 +25,8 @@ def cluster_address() -> tuple[str | None, str]:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     recorded = recorded_address_file()
-    if recorded.is_file() and recorded.read_text().strip():
-        return recorded.read_text().strip(), str(recorded)
-    return None, ""
+    address = recorded.read_text().strip() if recorded.is_file() else ""
+    return (address, str(recorded)) if address else (None, "")
 
 
 def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:

@@ -88,7 +88,12 @@ def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 
 def _visible(faces: list[Face], width: int, height: int) -> list[Face]:
     """Faces with some of their box inside the image."""
-    return [f for f in faces if Face(_clip_box(f.box, width, height), f.score).area > 0]
+    visible = []
+    for face in faces:
+        x1, y1, x2, y2 = _clip_box(face.box, width, height)
+        if x2 > x1 and y2 > y1:
+            visible.append(face)
+    return visible
 
 
 def _clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -275,11 +280,15 @@ def square_crop_box(box: Sequence[float], margin: float) -> tuple[float, float, 
     return (x1 + x2 - side) / 2.0, (y1 + y2 - side) / 2.0, side
 
 
-def box_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
-    """Scale and shift only: the margin-grown square around the face box becomes the crop."""
-    left, top, side = square_crop_box(face.box, margin)
+def _square_transform(left: float, top: float, side: float, size: int) -> np.ndarray:
+    """Scale and shift only: the source square (left, top, side) becomes the size x size crop."""
     scale = size / side
     return np.array([[scale, 0.0, -left * scale], [0.0, scale, -top * scale]])
+
+
+def box_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The margin-grown square around the face box becomes the crop."""
+    return _square_transform(*square_crop_box(face.box, margin), size)
 
 
 def landmark_transform(face: Face, margin: float, size: int, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -312,8 +321,7 @@ def clamped_transform(face: Face, margin: float, size: int, image_shape: tuple[i
     side = max(int(round(min(max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin), width, height))), 1)
     left = int(round(min(max((x1 + x2 - side) / 2.0, 0), width - side)))
     top = int(round(min(max((y1 + y2 - side) / 2.0, 0), height - side)))
-    scale = size / side
-    return np.array([[scale, 0.0, -left * scale], [0.0, scale, -top * scale]])
+    return _square_transform(left, top, side, size)
 
 
 CROP_GEOMETRIES: dict[str, Callable[[Face, float, int, tuple[int, ...]], np.ndarray]] = {
@@ -326,9 +334,9 @@ CROP_GEOMETRIES: dict[str, Callable[[Face, float, int, tuple[int, ...]], np.ndar
 def warp_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The size x size crop that `transform` (source -> crop pixels) selects, outside the image filled by
     FILL_MODE, and the crop's bounding box in source pixels."""
-    scale = math.sqrt(abs(np.linalg.det(transform[:, :2])))
     if transform[0, 1] == 0 and transform[1, 0] == 0 and math.isclose(transform[0, 0], transform[1, 1]):
         return _square_crop(image, transform, size)
+    scale = math.sqrt(abs(np.linalg.det(transform[:, :2])))
     height, width = image.shape[:2]
     inverse = cv2.invertAffineTransform(transform)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ inverse.T
