@@ -152,6 +152,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
     parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
+    parser.add_argument(
+        "--cpus-per-worker", type=float, help="CPUs each worker reserves (unset: the cluster's CPUs less one, shared)"
+    )
     parser.add_argument("--use-gpu", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
 
@@ -175,6 +178,7 @@ TRAIN_FLAGS = (
     "patience",
     "limit",
     "num_workers",
+    "cpus_per_worker",
     "use_gpu",
     "seed",
 )

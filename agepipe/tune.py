@@ -184,6 +184,9 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
             name="ray_tune",
             storage_path=path,
             storage_filesystem=fs,
+            # A trial whose driver dies with its node runs again; its TorchTrainer, re-made on the same
+            # storage, resumes from the trial's last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=base.max_failures),
             callbacks=[release_stopped_trials_callback()],
         ),
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from agepipe.config import shared_data_dir
 from agepipe.predict import DEFAULT_MODEL
@@ -25,6 +27,31 @@ def yunet_weights() -> str:
     if not path.is_file():
         pytest.skip(f"YuNet weights not found at {path} (set AGEPIPE_SHARED to the shared folder)")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_faces(utkface_dir, tmp_path_factory) -> Path:
+    """A crop dataset of 240 UTKFace faces made by the crop job (`--detector none`, 96 px)."""
+    root = tmp_path_factory.mktemp("train")
+    images = root / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(utkface_dir))[::89][:240]:
+        shutil.copy(utkface_dir / name, images / name)
+    result = run_cli(
+        "crop",
+        "--input",
+        str(images),
+        "--output",
+        str(root / "faces"),
+        "--labels",
+        "utkface",
+        "--detector",
+        "none",
+        "--size",
+        "96",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "faces"
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,30 @@ def run_cli(
         timeout=timeout,
         cwd=cwd,
     )
+
+
+# A training run of seconds an epoch on the small crop dataset (conftest.small_faces).
+TINY_RUN = (
+    "--image-size",
+    "64",
+    "--batch-size",
+    "32",
+    "--num-workers",
+    "2",
+    "--backbone",
+    "efficientnet_lite0",
+)
+
+
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints a Ray Train run (its storage folder) has registered, which a resumed run sees: a
+    checkpoint folder appears before its entry in the snapshot, and a run killed in between resumes
+    from the one before."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return sorted(result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"])
 
 
 # What the bad-input folder's files must come out as (None: decoded and a face found).

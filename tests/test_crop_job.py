@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +114,39 @@ def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(tmp_path) -> No
     assert all(error is None for error in errors.values()), errors
     assert "2 non-image files skipped" in result.stdout
     assert "errors: corrupt=1, empty=1, not_image=1, too_large=1, truncated=1" in result.stdout
+
+
+def test_killed_driver_then_rerun_gives_every_image_once(utk_sample, tmp_path) -> None:
+    images = tmp_path / "in"
+    images.mkdir()
+    for path in sorted(utk_sample.glob("*.jpg"))[:120]:
+        shutil.copy(path, images / path.name)
+    output = tmp_path / "faces"
+    args = ["crop", "--input", str(images), "--output", str(output), "--detector", "none", "--batch-size", "6"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "agepipe.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the driver and the Ray it started die together
+    )
+    deadline = time.time() + 300
+    while len(list(output.glob("*.parquet"))) < 4:
+        assert first.poll() is None and time.time() < deadline, "no output files before the run ended"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = len(pq.read_table(output, columns=["path"]))
+    assert 0 < done_before < 120
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    frame = pq.read_table(output, columns=["path", "face_index"]).to_pandas()
+    assert not frame.duplicated(["path", "face_index"]).any(), "rows doubled by the rerun"
+    assert set(frame["path"]) == {str(p) for p in images.iterdir()}, "images lost"
+    assert not list(output.glob("_tmp-*")), "a temporary file was left behind"
+    # The summary counts this run's rows as they are in the output.
+    assert f"{done_before} already done" in again.stdout
+    assert f"{120 - done_before} faces written" in again.stdout
 
 
 def test_job_that_cannot_run_exits_nonzero_with_a_message(tmp_path) -> None:

@@ -1,6 +1,9 @@
-"""Exactly once on a cluster that loses a node: crop and score on a simulated three-node cluster
-(`ray.cluster_utils.Cluster`, one CPU each) with a worker node killed mid-job, early, in the middle and
-while the last files are written. Every input must be in the output, no (path, face_index) twice."""
+"""A cluster that loses a node, simulated on this machine (`ray.cluster_utils.Cluster`, real node kills).
+
+Crop and score: a worker node killed early, in the middle and while the last files are written; every
+input must be in the output and no (path, face_index) twice. Train and Tune: the node holding the
+training worker killed after the first checkpoint; the run must finish from that checkpoint with every
+epoch once."""
 
 from __future__ import annotations
 
@@ -9,11 +12,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers import TINY_RUN, registered_checkpoints
 
 from agepipe.cluster import recorded_address_file
 
@@ -30,21 +36,36 @@ def images(utkface_dir, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture()
-def cluster():
-    """A head and two worker nodes of one CPU each, on this machine; torn down by the test."""
+@contextmanager
+def simulated_cluster(worker_cpus: int):
+    """A one-CPU head and two worker nodes of `worker_cpus` each, on this machine."""
     from ray.cluster_utils import Cluster
 
     address_file = recorded_address_file()
     before = address_file.read_text() if address_file.is_file() else None
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=worker_cpus) for _ in range(2)]
     cluster.wait_for_nodes()
-    yield cluster, workers
-    cluster.shutdown()
+    try:
+        yield cluster, workers
+    finally:
+        cluster.shutdown()
     # A simulated head must not stay recorded as the machine's cluster once it is gone.
     if address_file.is_file() and address_file.read_text() != before and cluster.address in address_file.read_text():
         address_file.unlink()
+
+
+@pytest.fixture()
+def cluster():
+    with simulated_cluster(worker_cpus=1) as nodes:
+        yield nodes
+
+
+@pytest.fixture()
+def training_cluster():
+    """Worker nodes of two CPUs, so that the training worker fits on either but not on the head."""
+    with simulated_cluster(worker_cpus=2) as nodes:
+        yield nodes
 
 
 def parquet_files(folder: Path) -> int:
@@ -97,11 +118,75 @@ def test_crop_is_exactly_once_when_a_worker_node_dies(cluster, images, yunet_wei
     assert not list(output.glob("_tmp-*")), "a temporary file was left behind"
 
 
-@pytest.mark.parametrize("kill_after_seconds", [0])
-def test_score_is_exactly_once_when_a_worker_node_dies(cluster, images, model_path, tmp_path, kill_after_seconds):
+@pytest.mark.parametrize("kill_after_files", [0, IMAGES // BATCH // 2, IMAGES // BATCH - 3])
+def test_score_is_exactly_once_when_a_worker_node_dies(cluster, images, model_path, tmp_path, kill_after_files):
     output = tmp_path / "scores"
+    settings = tmp_path / "score.yaml"
+    settings.write_text(f"rows_per_file: {BATCH}\n")  # a file a batch, so that the kill can land between writes
     cluster_handle, workers = cluster
     command = ["score", "--input", str(images), "--output", str(output), "--model", model_path,
-               "--detector", "none", "--batch-size", str(BATCH)]  # fmt: skip
-    run_with_a_node_killed(cluster_handle, workers, command, output, kill_after_seconds)
-    assert_exactly_once(output, images)
+               "--detector", "none", "--batch-size", str(BATCH), "--config", str(settings)]  # fmt: skip
+    run_with_a_node_killed(cluster_handle, workers, command, output, kill_after_files)
+    frame = assert_exactly_once(output, images)
+    assert len(frame) == IMAGES and frame["error"].isna().all()
+
+
+def node_running(nodes: list, process_marker: str):
+    """The node among `nodes` one of whose processes has `process_marker` in its command line."""
+    for node in nodes:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        for child in raylet.children(recursive=True):
+            try:
+                if process_marker in " ".join(child.cmdline()):
+                    return node
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+    return None
+
+
+def kill_training_node_after_first_checkpoint(
+    cluster, workers, command: list[str], runs: Path, timeout: float = 420
+) -> str:
+    """Run `agepipe COMMAND`; once a Ray Train run under `runs` has registered a checkpoint, kill the
+    worker node that holds its training worker. Returns the command's output."""
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    process = subprocess.Popen([sys.executable, "-m", "agepipe.cli", *command], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    killed = None
+    while killed is None:
+        assert process.poll() is None, f"ended before a checkpoint: {process.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        if any(registered_checkpoints(run) for run in runs.glob("**/ray_train")):
+            killed = node_running(workers, "RayTrainWorker")
+        time.sleep(0.2)
+    cluster.remove_node(killed, allow_graceful=False)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+# One training worker of 1.5 CPUs, more than the head has: it runs on a worker node, and after that node
+# is lost it fits on the other beside a Tune trial's own sliver. Three epochs, each a checkpoint.
+NODE_LOSS_RUN = (*TINY_RUN, "--num-workers", "1", "--cpus-per-worker", "1.5", "--phase1-epochs", "1",
+                 "--phase2-epochs", "2", "--patience", "10")  # fmt: skip
+
+
+def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(training_cluster, small_faces, tmp_path):
+    cluster_handle, workers = training_cluster
+    output = tmp_path / "run"
+    command = ["train", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN]
+    kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
+    metrics = pd.read_csv(output / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1, 2], "epochs were lost or repeated"
+    assert (output / "model.pt").is_file()
+
+
+def test_tune_trial_finishes_from_its_checkpoint_when_its_node_dies(training_cluster, small_faces, tmp_path):
+    cluster_handle, workers = training_cluster
+    output = tmp_path / "tune"
+    command = ["tune", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN, "--num-samples", "1"]
+    kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
+    trials = pd.read_csv(output / "trials.csv")
+    assert len(trials) == 1 and trials["training_iteration"].iloc[0] == 3
+    assert list(pd.read_csv(output / "metrics.csv")["epoch"]) == [0, 1, 2], "epochs were lost or repeated"

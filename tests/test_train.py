@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from helpers import run_cli
+from helpers import TINY_RUN, registered_checkpoints, run_cli
 
 from agepipe.cli import build_parser, train_settings
 from agepipe.config import AgeGroups, TrainSettings
@@ -109,43 +108,6 @@ def test_warmup_ramps_linearly_to_the_scheduled_rate() -> None:
     assert warmup_factor(0, 0) == 1.0  # no warm-up: the scheduled rate from the first step
 
 
-@pytest.fixture(scope="module")
-def small_faces(utkface_dir, tmp_path_factory) -> Path:
-    """A crop dataset of 240 UTKFace faces made by the crop job (`--detector none`, 96 px)."""
-    root = tmp_path_factory.mktemp("train")
-    images = root / "images"
-    images.mkdir()
-    for name in sorted(os.listdir(utkface_dir))[::89][:240]:
-        shutil.copy(utkface_dir / name, images / name)
-    result = run_cli(
-        "crop",
-        "--input",
-        str(images),
-        "--output",
-        str(root / "faces"),
-        "--labels",
-        "utkface",
-        "--detector",
-        "none",
-        "--size",
-        "96",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "faces"
-
-
-TINY_RUN = (
-    "--image-size",
-    "64",
-    "--batch-size",
-    "32",
-    "--num-workers",
-    "2",
-    "--backbone",
-    "efficientnet_lite0",
-)
-
-
 def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_path) -> None:
     output = tmp_path / "run"
     result = run_cli(
@@ -198,19 +160,9 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
-def _checkpoints(output: Path) -> list[str]:
-    """Checkpoints Ray Train has registered (what a resumed run sees): a checkpoint folder appears before its
-    entry in the snapshot, and a run killed in between resumes from the one before."""
-    try:
-        snapshot = json.loads((output / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return sorted(result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"])
-
-
 def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
-    while len(_checkpoints(output)) < count:
+    while len(registered_checkpoints(output / "ray_train")) < count:
         assert process.poll() is None, "training ended early"
         assert time.time() < deadline, f"fewer than {count} checkpoints in time"
         time.sleep(0.5)
@@ -245,9 +197,9 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
             assert len(workers) == 2
             workers[0].kill()  # a worker dies mid-training
             # FailureConfig restarts the workers from the last checkpoint and training goes on.
-            seen = set(_checkpoints(output))
+            seen = set(registered_checkpoints(output / "ray_train"))
             deadline = time.time() + 600
-            while not (set(_checkpoints(output)) - seen):
+            while not (set(registered_checkpoints(output / "ray_train")) - seen):
                 assert first.poll() is None and time.time() < deadline, "no progress after the worker died"
                 time.sleep(0.5)
         finally:
