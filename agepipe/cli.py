@@ -24,7 +24,8 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 def add_crop_settings(parser: argparse.ArgumentParser) -> None:
     """Detector and crop options shared by crop, score and serve."""
-    from agepipe.faces import CROP_GEOMETRIES, DETECTORS
+    from agepipe.detectors import DETECTORS
+    from agepipe.faces import CROP_GEOMETRIES
 
     group = parser.add_argument_group("face detection and cropping")
     group.add_argument("--detector", choices=sorted(DETECTORS), help="face detector")

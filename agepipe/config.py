@@ -170,7 +170,7 @@ class ScoreSettings:
     crop_overrides: dict[str, Any] = field(default_factory=dict)
     largest_face_only: bool = False  # every face is scored unless this is set
     labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = 256  # images per actor call and forward pass: 4% more images/s than 64 here
+    batch_size: int = 256  # images per actor call and per forward pass
     concurrency: int | None = None
     gpu_fraction: float = 0.25
     flip_tta: bool = False  # the mirrored pass doubles the model's time per face (benchmarks/score.py)
@@ -193,7 +193,7 @@ class TrainSettings:
     augmentation: str = "basic"  # train.AUGMENTATIONS: basic, or photo (adds low resolution, blur, JPEG)
     batch_size: int = 64
     phase1_epochs: int = 1
-    phase2_epochs: int = 14  # 0.07 years better val MAE than 11 on the default model (card, runs 6-7)
+    phase2_epochs: int = 14
     phase1_lr: float = 3e-3
     phase2_lr: float = 5e-4
     weight_decay: float = 1e-4
@@ -214,7 +214,7 @@ class TrainSettings:
     test_fraction: float = 0.1
     seed: int = 42
     limit: int | None = None
-    num_workers: int = 2  # measured faster than one 2-thread worker on 2 CPUs (benchmarks/train.py)
+    num_workers: int = 2  # DDP workers; benchmarks/results/train.md compares one and two on 2 CPUs
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     max_failures: int = 2
@@ -246,7 +246,7 @@ class ServeSettings:
     port: int = 8000
     model: str | None = None
     crop_overrides: dict[str, Any] = field(default_factory=lambda: {"all_faces": True})
-    # Off: the mirrored pass doubles the model's time per face for 0.08 years of MAE (default model card).
+    # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = False
     runtime: str | None = None
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC

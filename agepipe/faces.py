@@ -1,9 +1,6 @@
-"""Face detectors behind one interface, and the one crop function.
+"""Faces to crops: the crop geometries, the one crop function and the per-face row.
 
-Detectors are chosen by name from DETECTORS (`create_detector("yunet", weights)`),
-as timm chooses models. Every detector takes a batch of RGB uint8 images and
-returns, per image, faces as boxes in source pixels with a score.
-
+A geometry (`CROP_GEOMETRIES`, by name) maps a detected face to the square crop's transform.
 `crop_images` is the only place where faces become crops: the crop job, the
 scoring job and the server all call it, with settings recorded in checkpoints.
 """
@@ -12,250 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
-from agepipe import storage
-from agepipe.config import CropSettings, detector_min_score
+from agepipe.config import CropSettings
+from agepipe.detectors import Detector, Face, clip_box
 from agepipe.images import ImageError, decode
 
-
-@dataclass(frozen=True)
-class Face:
-    """A detected face: box (x1, y1, x2, y2) in source pixels, detector confidence, and five landmarks
-    (image-left eye, image-right eye, nose tip, image-left and image-right mouth corner) where the
-    detector gives them."""
-
-    box: tuple[float, float, float, float]  # as detected: part of it may lie past the image border
-    score: float
-    landmarks: tuple[tuple[float, float], ...] | None = None
-
-    @property
-    def area(self) -> float:
-        x1, y1, x2, y2 = self.box
-        return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-
-
-class Detector(Protocol):
-    name: str
-    uses_gpu: bool  # runs on a GPU where its process can see one
-    whole_image: bool  # every image is already a face crop: it is used as it is
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        """Faces per image, for RGB uint8 arrays."""
-        ...
-
-
-DETECTORS: dict[str, Callable[..., Detector]] = {}
-
-# Where users without a local copy get a detector's weights.
-DETECTOR_WEIGHT_URLS = {
-    "yunet": "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
-    "face_detection_yunet_2023mar.onnx",
-}
-
-
-def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
-    def add(factory: Callable[..., Detector]) -> Callable[..., Detector]:
-        DETECTORS[name] = factory
-        return factory
-
-    return add
-
-
-def create_detector(
-    name: str, weights: str | None = None, min_score: float | None = None, device: str | None = None
-) -> Detector:
-    """A detector by registry name; `weights` is a path or URI where the detector needs one, and
-    `min_score` None means the detector's measured default (`config.DETECTOR_MIN_SCORES`)."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}: choose one of {sorted(DETECTORS)}")
-    return DETECTORS[name](weights=weights, min_score=detector_min_score(name, min_score), device=device)
-
-
-def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Downscale so the longer side is at most `max_side`; returns the image and the factor."""
-    height, width = image.shape[:2]
-    factor = min(1.0, max_side / max(height, width))
-    if factor < 1.0:
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image, factor
-
-
-def _visible(faces: list[Face], width: int, height: int) -> list[Face]:
-    """Faces with some of their box inside the image."""
-    visible = []
-    for face in faces:
-        x1, y1, x2, y2 = _clip_box(face.box, width, height)
-        if x2 > x1 and y2 > y1:
-            visible.append(face)
-    return visible
-
-
-def _clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return (
-        min(max(x1, 0.0), width),
-        min(max(y1, 0.0), height),
-        min(max(x2, 0.0), width),
-        min(max(y2, 0.0), height),
-    )
-
-
-@register_detector("none")
-class WholeImage:
-    """Every image is already an aligned face crop."""
-
-    name = "none"
-    uses_gpu = False
-    whole_image = True
-
-    def __init__(self, *, weights: str | None, min_score: float, device: Any):
-        del weights, min_score, device
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [[Face((0.0, 0.0, float(im.shape[1]), float(im.shape[0])), 1.0)] for im in images]
-
-
-@register_detector("yunet")
-class YuNet:
-    """OpenCV FaceDetectorYN with YuNet weights (a path or URI to the .onnx file).
-
-    Images are downscaled to at most `max_side` for detection and padded by a
-    border so faces that fill the frame (aligned crops) are still found.
-    """
-
-    name = "yunet"
-    uses_gpu = False
-    whole_image = False
-    max_side = 640
-    pad_fraction = 0.25
-
-    def __init__(self, *, weights: str | None, min_score: float, device: Any):
-        del device
-        if not weights:
-            raise ValueError(
-                "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx (OpenCV model zoo)"
-            )
-        self._model = cv2.FaceDetectorYN.create(storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000)
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self._detect_one(image) for image in images]
-
-    def _detect_one(self, image: np.ndarray) -> list[Face]:
-        height, width = image.shape[:2]
-        small, factor = _scale_to(image, self.max_side)
-        pad = int(round(max(small.shape[:2]) * self.pad_fraction))
-        bgr = cv2.copyMakeBorder(np.ascontiguousarray(small[:, :, ::-1]), pad, pad, pad, pad, cv2.BORDER_CONSTANT)
-        self._model.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, found = self._model.detect(bgr)
-        faces = []
-        for row in [] if found is None else found:
-            x, y, w, h = (float(v) for v in row[:4])
-            box = [(x - pad) / factor, (y - pad) / factor, (x + w - pad) / factor, (y + h - pad) / factor]
-            # YuNet's points: right eye, left eye, nose, right and left mouth corner of the person,
-            # which in the image run left to right as Face.landmarks does.
-            points = tuple(((row[i] - pad) / factor, (row[i + 1] - pad) / factor) for i in range(4, 14, 2))
-            faces.append(Face(tuple(box), float(row[-1]), tuple(map(_floats, points))))
-        return _visible(faces, width, height)
-
-
-@register_detector("dlib")
-class DlibHog:
-    """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
-
-    name = "dlib"
-    uses_gpu = False
-    whole_image = False
-    max_side = 800
-    # HOG scores are SVM margins around 0, not probabilities: shifted so that a face's score, like every
-    # detector's, is kept when it is at least `min_score`.
-    score_offset = 0.6
-
-    def __init__(self, *, weights: str | None, min_score: float, device: Any):
-        import dlib
-
-        del weights, device
-        self._model = dlib.get_frontal_face_detector()
-        self._threshold = min_score - self.score_offset
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self._detect_one(image) for image in images]
-
-    def _detect_one(self, image: np.ndarray) -> list[Face]:
-        height, width = image.shape[:2]
-        small, factor = _scale_to(image, self.max_side)
-        upsample = 1 if max(small.shape[:2]) < 400 else 0
-        rects, scores, _ = self._model.run(np.ascontiguousarray(small), upsample, self._threshold)
-        faces = []
-        for rect, score in zip(rects, scores, strict=True):
-            box = [rect.left() / factor, rect.top() / factor, rect.right() / factor, rect.bottom() / factor]
-            faces.append(Face(tuple(box), float(score) + self.score_offset))
-        return _visible(faces, width, height)
-
-
-@register_detector("yolo")
-class Yolo:
-    """Ultralytics YOLO face model: weights path or URI (`face_yolov8n.pt`) or a model YAML.
-
-    Runs batched, on the GPU when one is visible.
-    """
-
-    name = "yolo"
-    uses_gpu = True
-    whole_image = False
-    image_size = 640
-
-    def __init__(self, *, weights: str | None, min_score: float, device: Any):
-        from ultralytics import YOLO
-
-        if not weights:
-            raise ValueError("yolo needs --detector-weights: a YOLO face model path or URI (.pt)")
-        source = weights if weights.endswith((".yaml", ".yml")) else storage.local_copy(weights)
-        self._model = YOLO(source)
-        self._min_score = min_score
-        if device is None:
-            import torch
-
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        self._device = device
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        if not images:
-            return []
-        bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in images]
-        results = self._model.predict(
-            bgr, imgsz=self.image_size, conf=self._min_score, device=self._device, verbose=False
-        )
-        out = []
-        for image, result in zip(images, results, strict=True):
-            height, width = image.shape[:2]
-            boxes = result.boxes.xyxy.cpu().numpy() if result.boxes is not None else []
-            scores = result.boxes.conf.cpu().numpy() if result.boxes is not None else []
-            points = _five_points(result, len(boxes))
-            faces = [Face(tuple(map(float, b)), float(s), p) for b, s, p in zip(boxes, scores, points, strict=True)]
-            out.append(_visible(faces, width, height))
-        return out
-
-
-def _floats(point: Sequence[float]) -> tuple[float, float]:
-    return float(point[0]), float(point[1])
-
-
-def _five_points(result: Any, count: int) -> list[tuple[tuple[float, float], ...] | None]:
-    """Each box's five landmarks from a YOLO pose-style face model; None per box for models without them."""
-    keypoints = getattr(result, "keypoints", None)
-    if keypoints is None or keypoints.xy is None or keypoints.xy.shape[-2] != 5:
-        return [None] * count
-    return [tuple(map(_floats, face)) for face in keypoints.xy.cpu().numpy()]
-
-
-# ---------------------------------------------------------------- crop geometry
-#
 # A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
 # the image is filled with ImageNet's mean colour, which the network's input normalization turns into
 # zeros: the most neutral input there is. Reflection would mirror the face into the border (a second
@@ -317,7 +80,7 @@ def clamped_transform(face: Face, margin: float, size: int, image_shape: tuple[i
     and moved inside it, so the face's scale in its crop depends on the image. Kept only so that such
     checkpoints score as they were measured."""
     height, width = image_shape[:2]
-    x1, y1, x2, y2 = _clip_box(face.box, width, height)
+    x1, y1, x2, y2 = clip_box(face.box, width, height)
     side = max(int(round(min(max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin), width, height))), 1)
     left = int(round(min(max((x1 + x2 - side) / 2.0, 0), width - side)))
     top = int(round(min(max((y1 + y2 - side) / 2.0, 0), height - side)))
@@ -401,6 +164,27 @@ def select_faces(faces: list[Face], settings: CropSettings) -> list[Face]:
     return ordered if settings.all_faces else ordered[:1]
 
 
+# The per-face columns every job's output starts with (crop, score and serve rows, the evaluation's
+# input): one row per face found, or one row with an `error` for an image without one.
+FACE_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("face_index", pa.int32()),
+        pa.field("x1", pa.float32()),
+        pa.field("y1", pa.float32()),
+        pa.field("x2", pa.float32()),
+        pa.field("y2", pa.float32()),
+        pa.field("crop_box", pa.list_(pa.int32())),
+        pa.field("score", pa.float32()),
+        pa.field("num_faces", pa.int32()),
+        pa.field("detector", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
 def crop_images(
     payloads: Sequence[bytes | np.ndarray], detector: Detector, settings: CropSettings
 ) -> list[list[dict[str, Any]]]:
@@ -425,13 +209,12 @@ def crop_images(
     results = []
     for image, error in zip(decoded, errors, strict=True):
         if image is None:
-            results.append([_empty_row(detector.name, error)])
+            results.append([face_row(detector.name, error=error)])
             continue
         faces = next(found)
         chosen = select_faces(faces, settings)
         if not chosen:
-            row = _empty_row(detector.name, "no_face")
-            row.update(width=image.shape[1], height=image.shape[0])
+            row = face_row(detector.name, error="no_face", width=image.shape[1], height=image.shape[0])
             results.append([row])
             continue
         rows = []
@@ -440,41 +223,28 @@ def crop_images(
                 crop, crop_box = whole_image_crop(image, settings)
             else:
                 crop, crop_box = crop_face(image, face, settings)
-            x1, y1, x2, y2 = _clip_box(face.box, image.shape[1], image.shape[0])  # the face's visible part
+            x1, y1, x2, y2 = clip_box(face.box, image.shape[1], image.shape[0])  # the face's visible part
             rows.append(
-                {
-                    "face_index": index,
-                    "x1": x1,
-                    "y1": y1,
-                    "x2": x2,
-                    "y2": y2,
-                    "crop_box": list(crop_box),
-                    "score": face.score,
-                    "num_faces": len(faces),
-                    "detector": detector.name,
-                    "width": image.shape[1],
-                    "height": image.shape[0],
-                    "crop": crop,
-                    "error": None,
-                }
+                face_row(
+                    detector.name,
+                    face_index=index,
+                    x1=x1,
+                    y1=y1,
+                    x2=x2,
+                    y2=y2,
+                    crop_box=list(crop_box),
+                    score=face.score,
+                    num_faces=len(faces),
+                    width=image.shape[1],
+                    height=image.shape[0],
+                    crop=crop,
+                )
             )
         results.append(rows)
     return results
 
 
-def _empty_row(detector_name: str, error: str | None) -> dict[str, Any]:
-    return {
-        "face_index": None,
-        "x1": None,
-        "y1": None,
-        "x2": None,
-        "y2": None,
-        "crop_box": None,
-        "score": None,
-        "num_faces": 0,
-        "detector": detector_name,
-        "width": None,
-        "height": None,
-        "crop": None,
-        "error": error,
-    }
+def face_row(detector_name: str, **values: Any) -> dict[str, Any]:
+    """A row of `FACE_SCHEMA` but its path (unset columns None), with the face's `crop` pixels attached."""
+    unset = {f.name: None for f in FACE_SCHEMA if f.name != "path"}
+    return {**unset, "num_faces": 0, "detector": detector_name, "crop": None, **values}

@@ -89,7 +89,7 @@ def create_backbone(name: str, pretrained: str | None = "default") -> nn.Module:
     `pretrained`: "default" (offline package weights where known, else timm's
     hub weights), "hub", a weights path or URI, or None for random weights.
     """
-    import timm  # here, not at the top: scoring actors load an exported network and skip its 1.4 s import
+    import timm  # here, not at the top: scoring actors load an exported network and skip its slow import
 
     use_hub = pretrained == "hub" or (pretrained == "default" and name not in OFFLINE_WEIGHTS)
     model = timm.create_model(name, pretrained=use_hub)

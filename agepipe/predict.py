@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from agepipe import storage
 from agepipe.config import CropSettings, apply_overrides, shared_data_dir
-from agepipe.faces import DETECTOR_WEIGHT_URLS, Detector, create_detector, crop_images
+from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
+from agepipe.faces import crop_images
 from agepipe.labels import GENDERS
 from agepipe.model import AgeModel, ModelConfig, age_estimate, load_checkpoint, model_input
 
@@ -232,11 +234,37 @@ class Predictor:
         """Per image, the crop function's rows (box, score, crop, error) with this model's crop settings."""
         return crop_images(payloads, self.detector, self.crop)
 
-    def predict_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
-        """Per image, one row per face: the crop function's row (box, score, error) plus predictions."""
-        rows_per_image = self.crop_images(payloads)
-        faces = [row for rows in rows_per_image for row in rows if row["crop"] is not None]
-        predictions = iter(self.predict_crops([row["crop"] for row in faces]))
-        for row in faces:
-            row.update(next(predictions))
-        return rows_per_image
+
+# A prediction's columns in a scoring job's output (`prediction_columns`).
+PREDICTION_FIELDS = [
+    pa.field("age", pa.float32()),
+    pa.field("age_std", pa.float32()),
+    pa.field("age_group", pa.string()),
+    pa.field("age_group_prob", pa.float32()),
+    pa.field("gender", pa.string()),
+    pa.field("gender_prob", pa.float32()),
+]
+
+
+def prediction_columns(prediction: dict[str, Any]) -> dict[str, Any]:
+    """A `Predictor.predict_crops` result as the output row's prediction columns (`PREDICTION_FIELDS`)."""
+    return {
+        "age": prediction["age"],
+        "age_std": prediction["age_std"],
+        "age_group": prediction["age_group"],
+        "age_group_prob": prediction["age_group_probs"][prediction["age_group"]],
+        "gender": prediction["gender"],
+        "gender_prob": prediction["gender_prob"],
+    }
+
+
+def prediction_json(prediction: dict[str, Any]) -> dict[str, Any]:
+    """A `Predictor.predict_crops` result as the HTTP answer gives it, rounded."""
+    return {
+        "age": round(prediction["age"], 2),
+        "age_std": None if prediction["age_std"] is None else round(prediction["age_std"], 2),
+        "age_group": prediction["age_group"],
+        "age_group_probs": {k: round(v, 4) for k, v in prediction["age_group_probs"].items()},
+        "gender": prediction["gender"],
+        "gender_prob": round(prediction["gender_prob"], 4),
+    }

@@ -16,39 +16,30 @@ import numpy as np
 import pyarrow as pa
 
 from agepipe import labels as labels_lib
-from agepipe.cluster import init_ray
-from agepipe.config import LabelSettings, ScoreSettings
-from agepipe.crop import (
-    FACE_FIELDS,
+from agepipe.batch import (
     JobSummary,
     detection_pool,
     path_dataset,
     plan_inputs,
-    read_payloads,
+    read_and_crop,
     rows_to_table,
     summarize_output,
-    unreadable_row,
     worker_count,
 )
-from agepipe.predict import Predictor
+from agepipe.cluster import init_ray
+from agepipe.config import LabelSettings, ScoreSettings
+from agepipe.faces import FACE_SCHEMA
+from agepipe.predict import PREDICTION_FIELDS, Predictor, prediction_columns
 
-PREDICTION_FIELDS = [
-    pa.field("age", pa.float32()),
-    pa.field("age_std", pa.float32()),
-    pa.field("age_group", pa.string()),
-    pa.field("age_group_prob", pa.float32()),
-    pa.field("gender", pa.string()),
-    pa.field("gender_prob", pa.float32()),
-]
 LABEL_FIELDS = [
     pa.field("label_age", pa.float32()),
     pa.field("label_gender", pa.string()),
     pa.field("label_race", pa.string()),
     pa.field("label_age_group", pa.string()),
 ]
-SCORE_SCHEMA = pa.schema(FACE_FIELDS + PREDICTION_FIELDS)
+SCORE_SCHEMA = pa.schema(list(FACE_SCHEMA) + PREDICTION_FIELDS)
 CROP_STAGE_SCHEMA = pa.schema(
-    FACE_FIELDS + [pa.field("crop", pa.binary()), pa.field("crop_shape", pa.list_(pa.int32()))]
+    list(FACE_SCHEMA) + [pa.field("crop", pa.binary()), pa.field("crop_shape", pa.list_(pa.int32()))]
 )
 
 
@@ -56,33 +47,14 @@ def output_schema(with_labels: bool) -> pa.Schema:
     return pa.schema(list(SCORE_SCHEMA) + (LABEL_FIELDS if with_labels else []))
 
 
-def prediction_columns(prediction: dict[str, Any]) -> dict[str, Any]:
-    """Flatten a Predictor result into the output's prediction columns."""
-    return {
-        "age": prediction["age"],
-        "age_std": prediction["age_std"],
-        "age_group": prediction["age_group"],
-        "age_group_prob": prediction["age_group_probs"][prediction["age_group"]],
-        "gender": prediction["gender"],
-        "gender_prob": prediction["gender_prob"],
-    }
-
-
 def label_columns(path: str, label_fn: Any, settings: LabelSettings) -> dict[str, Any]:
     labels = labels_lib.finalize(label_fn(path), settings)
     return {f"label_{k}": labels[k] for k in ("age", "gender", "race", "age_group")}
 
 
-def crop_stage_rows(paths: list[str], predictor: Predictor) -> list[dict[str, Any]]:
-    """Rows per face for a batch of image URIs, with the crop attached (not yet scored)."""
-    payloads = read_payloads(paths)
-    readable = [i for i, payload in enumerate(payloads) if payload is not None]
-    cropped = dict(zip(readable, predictor.crop_images([payloads[i] for i in readable]), strict=True))
-    rows = []
-    for index, path in enumerate(paths):
-        for face in cropped.get(index) or [unreadable_row(predictor.crop.detector)]:
-            rows.append({"path": path, **face})
-    return rows
+def face_rows(batch: dict[str, np.ndarray], predictor: Predictor) -> list[dict[str, Any]]:
+    """The face rows, crops attached, of a batch of image paths, by the predictor's detector and crop."""
+    return read_and_crop([str(p) for p in batch["path"]], predictor.crop_images, predictor.crop.detector)
 
 
 def score_rows(rows: list[dict[str, Any]], predictor: Predictor) -> list[dict[str, Any]]:
@@ -123,7 +95,7 @@ class ScoreWorker(_LabelledOutput):
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
+        rows = face_rows(batch, self.predictor)
         return self.table(score_rows(rows, self.predictor))
 
 
@@ -138,7 +110,7 @@ class CropStageWorker:
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = crop_stage_rows([str(p) for p in batch["path"]], self.predictor)
+        rows = face_rows(batch, self.predictor)
         for row in rows:
             crop = row.pop("crop")
             row["crop"] = None if crop is None else crop.tobytes()

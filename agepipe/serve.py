@@ -34,6 +34,7 @@ from agepipe import config, storage
 from agepipe.cluster import init_ray
 from agepipe.config import ServeSettings
 from agepipe.images import ImageError, decode, encode
+from agepipe.predict import prediction_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_FIELD = "file"
@@ -139,12 +140,7 @@ def face_json(row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]
         "face_index": row["face_index"],
         "box": [round(float(row[k]), 1) for k in ("x1", "y1", "x2", "y2")],
         "score": round(float(row["score"]), 4),
-        "age": round(prediction["age"], 2),
-        "age_std": None if prediction["age_std"] is None else round(prediction["age_std"], 2),
-        "age_group": prediction["age_group"],
-        "age_group_probs": {k: round(v, 4) for k, v in prediction["age_group_probs"].items()},
-        "gender": prediction["gender"],
-        "gender_prob": round(prediction["gender_prob"], 4),
+        **prediction_json(prediction),
     }
 
 

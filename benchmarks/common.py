@@ -10,18 +10,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+from PIL import Image
 
 from agepipe.config import shared_data_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
+UTKFACE = shared_data_dir() / "data" / "utkface"
+YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
 
 
 def utkface_files(limit: int | None = None) -> list[Path]:
-    folder = shared_data_dir() / "data" / "utkface"
-    if not folder.is_dir():
-        raise SystemExit(f"benchmarks need the UTKFace images at {folder} (set AGEPIPE_SHARED)")
-    files = sorted(folder.iterdir())
+    if not UTKFACE.is_dir():
+        raise SystemExit(f"benchmarks need the UTKFace images at {UTKFACE} (set AGEPIPE_SHARED)")
+    files = sorted(UTKFACE.iterdir())
     return files if limit is None else files[:: max(1, len(files) // limit)][:limit]
 
 
@@ -91,13 +94,47 @@ def write_results(name: str, rows: list[dict], notes: list[str]) -> str:
     return table
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table of dicts that share their keys (floats to two decimals)."""
+def markdown_table(rows: list[dict], float_format: str = ".2f", formats: dict[str, str] | None = None) -> str:
+    """A Markdown table of dicts that share their keys; floats by `float_format` or their column's
+    entry in `formats`. The one table renderer of the benchmarks and the model card."""
     columns = list(rows[0])
+    formats = formats or {}
+
+    def cell(column: str, value: object) -> str:
+        return format(value, formats.get(column, float_format)) if isinstance(value, float) else str(value)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _cell(value: object) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+def compose_scene(
+    faces: list[np.ndarray], canvas: tuple[int, int], rng: np.random.Generator, min_side: int = 60
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Paste face images at random non-overlapping places and sizes onto a textured background.
+
+    Returns the RGB scene (height, width = `canvas`) and each pasted face's box (x1, y1, x2, y2).
+    """
+    height, width = canvas
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = (np.sin(xx / 37.0) + np.cos(yy / 53.0)) * 40 + 120
+    scene = np.clip(base[:, :, None] + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    boxes: list[tuple[int, int, int, int]] = []
+    max_side = max(min_side, min(height, width) // max(2, len(faces)))
+    for face in faces:
+        for _ in range(100):
+            side = int(rng.integers(min_side, max_side + 1))
+            x1 = int(rng.integers(0, width - side + 1))
+            y1 = int(rng.integers(0, height - side + 1))
+            box = (x1, y1, x1 + side, y1 + side)
+            if all(_disjoint(box, other) for other in boxes):
+                break
+        else:
+            raise ValueError("scene too small for these faces")
+        scene[y1 : y1 + side, x1 : x1 + side] = np.asarray(Image.fromarray(face).resize((side, side)))
+        boxes.append(box)
+    return scene, boxes
+
+
+def _disjoint(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 10) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]

@@ -19,15 +19,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory, linked_folder, median, utkface_files, write_results  # noqa: E402
+from common import YUNET, PeakMemory, linked_folder, median, utkface_files, write_results  # noqa: E402
 
 from agepipe import labels as labels_lib  # noqa: E402
 from agepipe import storage  # noqa: E402
-from agepipe.config import CropJobSettings, CropSettings, LabelSettings, shared_data_dir  # noqa: E402
-from agepipe.crop import CROP_SCHEMA, crop_rows, rows_to_table, run_crop  # noqa: E402
-from agepipe.faces import create_detector  # noqa: E402
-
-YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+from agepipe.batch import rows_to_table  # noqa: E402
+from agepipe.config import CropJobSettings, CropSettings, LabelSettings  # noqa: E402
+from agepipe.crop import CROP_SCHEMA, crop_rows, run_crop  # noqa: E402
+from agepipe.detectors import create_detector  # noqa: E402
 
 
 def job_settings(input_dir: Path, output: Path, detector: str) -> CropJobSettings:

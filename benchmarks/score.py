@@ -24,18 +24,16 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakMemory, linked_folder, median, utkface_files, write_results  # noqa: E402
+from common import UTKFACE, YUNET, PeakMemory, compose_scene, linked_folder, median, utkface_files, write_results  # noqa: E402
 
-from agepipe.config import LabelSettings, ScoreSettings, shared_data_dir  # noqa: E402
+from agepipe.config import LabelSettings, ScoreSettings  # noqa: E402
 from agepipe.images import decode  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
-from agepipe.samples import compose_scene  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
-YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out rows also show the other
 
@@ -99,7 +97,7 @@ def peer(files: list[Path], repeats: int) -> tuple[list[float], pd.DataFrame]:
 
 def held_out_faces(limit: int) -> tuple[list[Path], str]:
     """Faces of the default model's test split (never trained on), else a spread sample."""
-    folder = shared_data_dir() / "data" / "utkface"
+    folder = UTKFACE
     if DEFAULT_SPLIT.exists():
         split = pd.read_parquet(DEFAULT_SPLIT)
         names = sorted(split.loc[split["split"] == "test", "name"])[:limit]

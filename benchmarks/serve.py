@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -23,27 +24,28 @@ import numpy as np
 import ray
 from PIL import Image
 
-from agepipe.config import ServeSettings, shared_data_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, UTKFACE, YUNET, compose_scene, markdown_table  # noqa: E402
+
+from agepipe.config import ServeSettings
 from agepipe.images import encode
-from agepipe.samples import compose_scene
 from agepipe.serve import apply_ray_serve_env, start_server, stop_server
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLIENT_COUNTS = (1, 8, 32)
 BATCH_SIZES = {"on": 16, "off": 1}
 
 
 def face_images(count: int) -> list[bytes]:
-    paths = sorted((shared_data_dir() / "data" / "utkface").glob("*.jpg"))[:count]
+    paths = sorted(UTKFACE.glob("*.jpg"))[:count]
     if not paths:
-        raise SystemExit(f"no UTKFace images under {shared_data_dir()}: set AGEPIPE_SHARED")
+        raise SystemExit(f"no UTKFace images under {UTKFACE}: set AGEPIPE_SHARED")
     return [path.read_bytes() for path in paths]
 
 
 def scene_images(count: int, faces_per_scene: int = 2) -> list[bytes]:
     """640x480 JPEG scenes of UTKFace faces pasted onto a textured, noisy background."""
     rng = np.random.default_rng(0)
-    paths = sorted((shared_data_dir() / "data" / "utkface").glob("*.jpg"))[: count * faces_per_scene]
+    paths = sorted(UTKFACE.glob("*.jpg"))[: count * faces_per_scene]
     scenes = []
     for start in range(0, len(paths), faces_per_scene):
         faces = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + faces_per_scene]]
@@ -111,12 +113,11 @@ def start_warm(settings: ServeSettings, images: list[bytes]) -> str:
 
 
 def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
-    yunet = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
     workloads = {
         "faces 200x200 (--detector none)": (face_images(64), {"detector": "none"}),
         "scenes 640x480, 2 faces (YuNet)": (
             scene_images(16),
-            {"detector": "yunet", "detector_weights": yunet},
+            {"detector": "yunet", "detector_weights": YUNET},
         ),
     }
     rows = []
@@ -154,23 +155,16 @@ def ablation(model: str | None, seconds: float, port: int) -> list[dict]:
 
 
 def ablation_table(rows: list[dict]) -> str:
-    lines = ["| serve | flip TTA | p50 ms | p99 ms | faces/s | non-200 |", "|" + "---|" * 6]
-    for r in rows:
-        lines.append(
-            f"| {r['serve']} | {r['flip TTA']} | {r['p50_ms']} | {r['p99_ms']} | {r['faces_per_s']} | {r['non_200']} |"
-        )
-    return "\n".join(lines)
+    keys = {"serve": "serve", "flip TTA": "flip TTA", "p50_ms": "p50 ms", "p99_ms": "p99 ms",
+            "faces_per_s": "faces/s", "non_200": "non-200"}  # fmt: skip
+    return markdown_table([{name: r[key] for key, name in keys.items()} for r in rows], float_format="")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header = "| workload | batching | clients | requests | p50 ms | p99 ms | requests/s | faces/s | non-200 |"
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['workload']} | {r['batching']} | {r['clients']} | {r['requests']} | {r['p50_ms']} "
-            f"| {r['p99_ms']} | {r['requests_per_s']} | {r['faces_per_s']} | {r['non_200']} |"
-        )
-    return "\n".join(lines)
+def serving_table(rows: list[dict]) -> str:
+    keys = {"workload": "workload", "batching": "batching", "clients": "clients", "requests": "requests",
+            "p50_ms": "p50 ms", "p99_ms": "p99 ms", "requests_per_s": "requests/s", "faces_per_s": "faces/s",
+            "non_200": "non-200"}  # fmt: skip
+    return markdown_table([{name: r[key] for key, name in keys.items()} for r in rows], float_format="")
 
 
 def main() -> None:
@@ -202,8 +196,8 @@ def main() -> None:
         "flip_tta": ServeSettings().flip_tta,
         "ray_serve_env": ServeSettings().ray_serve_env,
     }
-    table = markdown_table(rows)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    table = serving_table(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     notes = (
         f"One replica ({machine['replica_cpus']} CPU) on local Ray, {machine['cpus']} CPUs, clients on the "
         f"same machine; load average before/after: {machine['load_average_before']} / "
@@ -213,8 +207,8 @@ def main() -> None:
     )
     side_notes = "Side by side, faces 200x200 (`--detector none`), 32 clients, batching on, one fresh Ray per mode:\n"
     text = f"{notes}\n{table}\n\n{side_notes}\n{ablation_table(side_by_side)}\n"
-    (RESULTS_DIR / "serve.md").write_text(f"# Serve benchmark\n\n{text}")
-    (RESULTS_DIR / "serve.json").write_text(
+    (RESULTS / "serve.md").write_text(f"# Serve benchmark\n\n{text}")
+    (RESULTS / "serve.json").write_text(
         json.dumps({"machine": machine, "rows": rows, "side_by_side": side_by_side}, indent=2)
     )
     print(f"\n{text}")

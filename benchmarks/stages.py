@@ -4,12 +4,16 @@
 
 The photos are the in-the-wild composites (`benchmarks/wild.py`: 640x480 to 800x600 JPEGs, 0-4 faces).
 Each stage runs over all photos (or their faces) in one thread, three times; the median is reported.
-`benchmarks/scale.md` plans a 100-million-image run from these rates.
+Beside them, the scoring job itself (`run_score`, every face, local Ray on all CPUs, started once) over
+the same photos, three times: its photos/s per core against the sum of the stages gives the job's
+overhead. `benchmarks/scale.md` plans a 100-million-image run from these rates.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,13 +24,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import median, write_results  # noqa: E402
-from wild import YUNET, build_photos, held_out_faces  # noqa: E402
+from common import UTKFACE, YUNET, median, write_results  # noqa: E402
+from wild import build_photos, held_out_faces  # noqa: E402
 
-from agepipe.config import CropSettings, shared_data_dir  # noqa: E402
-from agepipe.faces import create_detector, crop_face  # noqa: E402
+from agepipe.config import CropSettings, ScoreSettings  # noqa: E402
+from agepipe.detectors import create_detector  # noqa: E402
+from agepipe.faces import crop_face  # noqa: E402
 from agepipe.images import decode  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.score import run_score  # noqa: E402
 
 
 def timed(work, repeats: int = 3) -> float:
@@ -39,6 +45,22 @@ def timed(work, repeats: int = 3) -> float:
     return median(seconds)
 
 
+def score_job_seconds(scratch: Path, repeats: int) -> float:
+    """Median seconds of the scoring job over `scratch/photos`, every face, into a fresh output each run."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    seconds = []
+    for run in range(repeats):
+        settings = ScoreSettings(input=str(scratch / "photos"), output=str(scratch / f"scores-{run}"))
+        settings.crop_overrides = {"detector_weights": YUNET}
+        started = time.perf_counter()
+        run_score(settings)
+        seconds.append(time.perf_counter() - started)
+    ray.shutdown()
+    return median(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=200)
@@ -46,10 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    faces = held_out_faces(DEFAULT_MODEL.parent / "default_split.parquet", shared_data_dir() / "data" / "utkface")
-    with tempfile.TemporaryDirectory() as scratch:
-        build_photos(faces, Path(scratch), args.photos, seed=5)
-        payloads = [p.read_bytes() for p in sorted(Path(scratch).glob("*.jpg"))]
+    faces = held_out_faces(DEFAULT_MODEL.parent / "default_split.parquet", UTKFACE)
+    scratch = Path(tempfile.mkdtemp())
+    build_photos(faces, scratch / "photos", args.photos, seed=5)
+    payloads = [p.read_bytes() for p in sorted((scratch / "photos").glob("*.jpg"))]
     images = [decode(p) for p in payloads]
     detector = create_detector("yunet", YUNET)
     found = [detector.detect([image])[0] for image in images]
@@ -62,13 +84,15 @@ def main() -> None:
     stages = {
         "decode (JPEG)": (timed(lambda: [decode(p) for p in payloads]), len(payloads), "photos"),
         "detect (YuNet)": (timed(lambda: [detector.detect([i]) for i in images]), len(images), "photos"),
-        "crop (box, 224 px)": (
+        "crop (landmarks, 224 px)": (
             timed(lambda: [crop_face(i, f, settings) for i, fs in zip(images, found, strict=True) for f in fs]),
             len(crops),
             "faces",
         ),
         "model (onnxruntime, batch 64)": (timed(lambda: predictor.predict_crops(crops)), len(crops), "faces"),
     }
+    job_seconds = score_job_seconds(scratch, repeats=3)
+    shutil.rmtree(scratch)
     rows = [
         {
             "stage": name,
@@ -80,6 +104,15 @@ def main() -> None:
     ]
     faces_per_photo = len(crops) / len(images)
     per_photo = sum(1000 * s / c * (faces_per_photo if u == "faces" else 1) for s, c, u in stages.values())
+    cores = os.cpu_count() or 1
+    rows.append(
+        {
+            "stage": f"scoring job, {cores} cores (run_score, local Ray)",
+            "items": f"{len(images)} photos",
+            "per item ms": 1000 * job_seconds * cores / len(images),
+            "per core / s": len(images) / job_seconds / cores,
+        }
+    )
     write_results(
         args.results,
         rows,
@@ -87,6 +120,8 @@ def main() -> None:
             f"`benchmarks/stages.py --photos {args.photos}`: one thread (torch, OpenCV, onnxruntime), medians of 3 "
             f"passes; {faces_per_photo:.2f} faces per photo found by YuNet.",
             f"All stages for one photo: {per_photo:.1f} ms on one core ({1000 / per_photo:.1f} photos/s per core).",
+            f"The scoring job: {len(images) / job_seconds:.1f} photos/s on {cores} cores, median of 3 runs "
+            f"({len(images) / job_seconds / cores / (1000 / per_photo):.2f} of the stages' sum per core).",
         ],
     )
 

@@ -20,11 +20,11 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_results  # noqa: E402
-from wild import YUNET, build_photos, face_free_set, held_out_faces, match_faces  # noqa: E402
+from common import UTKFACE, YUNET, write_results  # noqa: E402
+from wild import build_photos, face_free_set, held_out_faces, match_faces  # noqa: E402
 
-from agepipe.config import DETECTOR_MIN_SCORES, shared_data_dir  # noqa: E402
-from agepipe.faces import create_detector  # noqa: E402
+from agepipe.config import DETECTOR_MIN_SCORES  # noqa: E402
+from agepipe.detectors import create_detector  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL  # noqa: E402
 
 GRIDS = {
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
     parser.add_argument("--results", default="thresholds")
     args = parser.parse_args()
-    faces = held_out_faces(args.split, shared_data_dir() / "data" / "utkface")
+    faces = held_out_faces(args.split, UTKFACE)
     with tempfile.TemporaryDirectory() as scratch:
         truth = build_photos(faces, Path(scratch) / "photos", args.photos, args.seed)
         photos = sorted((Path(scratch) / "photos").glob("*.jpg"))

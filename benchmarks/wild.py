@@ -27,15 +27,14 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_results  # noqa: E402
+from common import UTKFACE, write_results  # noqa: E402
 
-from agepipe.config import AgeGroups, shared_data_dir  # noqa: E402
+from agepipe.config import AgeGroups  # noqa: E402
 from agepipe.labels import age_group as group_name  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL  # noqa: E402
 
 PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
-YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
 # scikit-image's bundled photos without a human face (the cat and the clock are kept on purpose:
 # round, face-like shapes are where false faces come from).
 FACE_FREE = ("coffee", "chelsea", "rocket", "hubble_deep_field", "coins", "moon", "page", "text", "horse",
@@ -266,7 +265,7 @@ def evaluate_wild(
     folder: Path, photos: int, seed: int, model: str | None, split_file: Path, with_peer: bool
 ) -> list[dict]:
     """Build the photos under `folder`, score them and the aligned faces; one result row per system."""
-    images_root = shared_data_dir() / "data" / "utkface"
+    images_root = UTKFACE
     faces = held_out_faces(split_file, images_root)
     truth = build_photos(faces, folder / "photos", photos, seed)
     groups = AgeGroups()

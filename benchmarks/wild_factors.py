@@ -21,10 +21,9 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_results  # noqa: E402
+from common import UTKFACE, write_results  # noqa: E402
 from wild import face_free_photos, held_out_faces, paste_face  # noqa: E402
 
-from agepipe.config import shared_data_dir  # noqa: E402
 from agepipe.faces import FILL_COLOUR  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 
@@ -67,7 +66,7 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
     parser.add_argument("--results", default="wild-factors")
     args = parser.parse_args()
-    faces = held_out_faces(args.split, shared_data_dir() / "data" / "utkface").sample(args.faces, random_state=0)
+    faces = held_out_faces(args.split, UTKFACE).sample(args.faces, random_state=0)
     predictor = Predictor(args.model, {"all_faces": True})
     rng = np.random.default_rng(0)
     variants = factors(list(face_free_photos().values()), rng)

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from common import markdown_table  # noqa: E402
+from common import UTKFACE, YUNET, markdown_table  # noqa: E402
 from wild import evaluate_wild  # noqa: E402
 
-from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings, shared_data_dir
+from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
 from agepipe.model import export_for_sharing, load_checkpoint
 from agepipe.predict import DEFAULT_MODEL
@@ -60,9 +60,9 @@ def score_and_evaluate(images: Path, scratch: Path, yunet: str, flip: bool, run:
 
 
 def table(rows: list[dict], name: str) -> str:
-    lines = [f"| {name} | faces | MAE | bias |", "|---|---|---|---|"]
-    lines += [f"| {r['group']} | {r['faces']} | {r['mae']:.2f} | {r['bias']:+.2f} |" for r in rows]
-    return "\n".join(lines)
+    """MAE and bias by one attribute (age group, gender, race)."""
+    renamed = [{name: r["group"], "faces": r["faces"], "MAE": r["mae"], "bias": r["bias"]} for r in rows]
+    return markdown_table(renamed, formats={"bias": "+.2f"})
 
 
 HISTORY_COLUMNS = [
@@ -76,15 +76,6 @@ HISTORY_COLUMNS = [
     "lr",
     "train_images_per_s",
 ]
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += [
-        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -105,8 +96,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     run = Path(args.run)
-    images_root = shared_data_dir() / "data" / "utkface"
-    yunet = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+    images_root = UTKFACE
+    yunet = YUNET
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +177,7 @@ def main() -> None:
         backbone=train_settings["backbone"],
         best_epoch=checkpoint["epoch"],
         val_mae=checkpoint["val_mae"],
-        history=markdown(history[HISTORY_COLUMNS]),
+        history=markdown_table(history[HISTORY_COLUMNS].to_dict("records"), float_format=".4g"),
         size_mb=os.path.getsize(DEFAULT_MODEL) / 2**20,
         splits=split["split"].value_counts().to_dict(),
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,23 @@ TINY_RUN = (
     "--backbone",
     "efficientnet_lite0",
 )
+
+
+def kill_when_files_appear(args: list[str], output: Path, files: int, timeout: float = 300) -> None:
+    """Start `agepipe ARGS` in a process group of its own (the driver and the Ray it starts) and kill the
+    whole group once `output` holds `files` Parquet files."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agepipe.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while len(list(output.glob("*.parquet"))) < files:
+        assert process.poll() is None and time.time() < deadline, "no output files before the run ended"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def registered_checkpoints(run_dir: Path) -> list[str]:

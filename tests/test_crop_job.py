@@ -5,22 +5,19 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import BAD_INPUT_ERRORS, bad_input_folder, run_cli
+from helpers import BAD_INPUT_ERRORS, bad_input_folder, kill_when_files_appear, run_cli
 from PIL import Image
 
+from agepipe.batch import plan_detection_pool
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings
-from agepipe.crop import plan_detection_pool, run_crop
-from agepipe.faces import DETECTORS
+from agepipe.crop import run_crop
+from agepipe.detectors import DETECTORS
 
 CONTRACT_COLUMNS = {"path", "face_index", "x1", "y1", "x2", "y2", "image", "age", "gender", "error"}
 
@@ -123,18 +120,7 @@ def test_killed_driver_then_rerun_gives_every_image_once(utk_sample, tmp_path) -
         shutil.copy(path, images / path.name)
     output = tmp_path / "faces"
     args = ["crop", "--input", str(images), "--output", str(output), "--detector", "none", "--batch-size", "6"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "agepipe.cli", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the driver and the Ray it started die together
-    )
-    deadline = time.time() + 300
-    while len(list(output.glob("*.parquet"))) < 4:
-        assert first.poll() is None and time.time() < deadline, "no output files before the run ended"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_when_files_appear(args, output, files=4)
     done_before = len(pq.read_table(output, columns=["path"]))
     assert 0 < done_before < 120
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from agepipe.config import CropSettings, recorded_crop_settings
-from agepipe.faces import CROP_GEOMETRIES, FILL_COLOUR, Face, create_detector, crop_face, crop_images, warp_crop
+from agepipe.detectors import Face, create_detector
+from agepipe.faces import CROP_GEOMETRIES, FILL_COLOUR, crop_face, crop_images, warp_crop
 from agepipe.images import decode
 
 # Mean absolute difference (grey levels, 0-255) allowed between two crops of the same face pixels. The

@@ -5,23 +5,21 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import BAD_INPUT_ERRORS, bad_input_folder, run_cli
+from common import compose_scene
+from helpers import BAD_INPUT_ERRORS, bad_input_folder, kill_when_files_appear, run_cli
 from PIL import Image
 
 from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import decode
 from agepipe.predict import DEFAULT_MODEL
-from agepipe.samples import compose_scene
 from agepipe.score import run_score
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_group", "gender", "error"}
@@ -157,18 +155,7 @@ def test_interrupted_run_resumed_gives_the_same_rows(model_path, utkface_dir, tm
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     resumed_out = tmp_path / "resumed"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "agepipe.cli", *args, "--output", str(resumed_out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while len(list(resumed_out.glob("*.parquet"))) < 2:
-        assert first.poll() is None and time.time() < deadline, "no output files before the run ended"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_when_files_appear([*args, "--output", str(resumed_out)], resumed_out, files=2, timeout=600)
     partial = len(list(resumed_out.glob("*.parquet")))
     again = run_cli(*args, "--output", str(resumed_out))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
+from common import compose_scene
 from PIL import Image
 
 from agepipe.config import DEFAULT_AGE_GROUPS, ServeSettings
 from agepipe.images import encode
-from agepipe.samples import compose_scene
 from agepipe.serve import (
     RequestError,
     autoscaling_config,

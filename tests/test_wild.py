@@ -14,7 +14,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from wild import evaluate_wild, face_free_set  # noqa: E402
 
-from agepipe.faces import create_detector  # noqa: E402
+from agepipe.detectors import create_detector  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL  # noqa: E402
 
 

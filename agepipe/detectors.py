@@ -1,0 +1,250 @@
+"""Face detectors behind one interface, chosen by name.
+
+Detectors are chosen by name from DETECTORS (`create_detector("yunet", weights)`),
+as timm chooses models. Every detector takes a batch of RGB uint8 images and
+returns, per image, faces as unclipped boxes in source pixels with a score and,
+where the detector gives them, five landmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from agepipe import storage
+from agepipe.config import detector_min_score
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: box (x1, y1, x2, y2) in source pixels, detector confidence, and five landmarks
+    (image-left eye, image-right eye, nose tip, image-left and image-right mouth corner) where the
+    detector gives them."""
+
+    box: tuple[float, float, float, float]  # as detected: part of it may lie past the image border
+    score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+
+
+class Detector(Protocol):
+    name: str
+    uses_gpu: bool  # runs on a GPU where its process can see one
+    whole_image: bool  # every image is already a face crop: it is used as it is
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """Faces per image, for RGB uint8 arrays."""
+        ...
+
+
+DETECTORS: dict[str, Callable[..., Detector]] = {}
+
+# Where users without a local copy get a detector's weights.
+DETECTOR_WEIGHT_URLS = {
+    "yunet": "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"
+    "face_detection_yunet_2023mar.onnx",
+}
+
+
+def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
+    def add(factory: Callable[..., Detector]) -> Callable[..., Detector]:
+        DETECTORS[name] = factory
+        return factory
+
+    return add
+
+
+def create_detector(
+    name: str, weights: str | None = None, min_score: float | None = None, device: str | None = None
+) -> Detector:
+    """A detector by registry name; `weights` is a path or URI where the detector needs one, and
+    `min_score` None means the detector's measured default (`config.DETECTOR_MIN_SCORES`)."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}: choose one of {sorted(DETECTORS)}")
+    return DETECTORS[name](weights=weights, min_score=detector_min_score(name, min_score), device=device)
+
+
+def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Downscale so the longer side is at most `max_side`; returns the image and the factor."""
+    height, width = image.shape[:2]
+    factor = min(1.0, max_side / max(height, width))
+    if factor < 1.0:
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image, factor
+
+
+def _visible(faces: list[Face], width: int, height: int) -> list[Face]:
+    """Faces with some of their box inside the image."""
+    visible = []
+    for face in faces:
+        x1, y1, x2, y2 = clip_box(face.box, width, height)
+        if x2 > x1 and y2 > y1:
+            visible.append(face)
+    return visible
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+        min(max(x2, 0.0), width),
+        min(max(y2, 0.0), height),
+    )
+
+
+@register_detector("none")
+class WholeImage:
+    """Every image is already an aligned face crop."""
+
+    name = "none"
+    uses_gpu = False
+    whole_image = True
+
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
+        del weights, min_score, device
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [[Face((0.0, 0.0, float(im.shape[1]), float(im.shape[0])), 1.0)] for im in images]
+
+
+@register_detector("yunet")
+class YuNet:
+    """OpenCV FaceDetectorYN with YuNet weights (a path or URI to the .onnx file).
+
+    Images are downscaled to at most `max_side` for detection and padded by a
+    border so faces that fill the frame (aligned crops) are still found.
+    """
+
+    name = "yunet"
+    uses_gpu = False
+    whole_image = False
+    max_side = 640
+    pad_fraction = 0.25
+
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
+        del device
+        if not weights:
+            raise ValueError(
+                "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx (OpenCV model zoo)"
+            )
+        self._model = cv2.FaceDetectorYN.create(storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [self._detect_one(image) for image in images]
+
+    def _detect_one(self, image: np.ndarray) -> list[Face]:
+        height, width = image.shape[:2]
+        small, factor = _scale_to(image, self.max_side)
+        pad = int(round(max(small.shape[:2]) * self.pad_fraction))
+        bgr = cv2.copyMakeBorder(np.ascontiguousarray(small[:, :, ::-1]), pad, pad, pad, pad, cv2.BORDER_CONSTANT)
+        self._model.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, found = self._model.detect(bgr)
+        faces = []
+        for row in [] if found is None else found:
+            x, y, w, h = (float(v) for v in row[:4])
+            box = [(x - pad) / factor, (y - pad) / factor, (x + w - pad) / factor, (y + h - pad) / factor]
+            # YuNet's points: right eye, left eye, nose, right and left mouth corner of the person,
+            # which in the image run left to right as Face.landmarks does.
+            points = tuple(((row[i] - pad) / factor, (row[i + 1] - pad) / factor) for i in range(4, 14, 2))
+            faces.append(Face(tuple(box), float(row[-1]), tuple(map(_floats, points))))
+        return _visible(faces, width, height)
+
+
+@register_detector("dlib")
+class DlibHog:
+    """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
+
+    name = "dlib"
+    uses_gpu = False
+    whole_image = False
+    max_side = 800
+    # HOG scores are SVM margins around 0, not probabilities: shifted so that a face's score, like every
+    # detector's, is kept when it is at least `min_score`.
+    score_offset = 0.6
+
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
+        import dlib
+
+        del weights, device
+        self._model = dlib.get_frontal_face_detector()
+        self._threshold = min_score - self.score_offset
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [self._detect_one(image) for image in images]
+
+    def _detect_one(self, image: np.ndarray) -> list[Face]:
+        height, width = image.shape[:2]
+        small, factor = _scale_to(image, self.max_side)
+        upsample = 1 if max(small.shape[:2]) < 400 else 0
+        rects, scores, _ = self._model.run(np.ascontiguousarray(small), upsample, self._threshold)
+        faces = []
+        for rect, score in zip(rects, scores, strict=True):
+            box = [rect.left() / factor, rect.top() / factor, rect.right() / factor, rect.bottom() / factor]
+            faces.append(Face(tuple(box), float(score) + self.score_offset))
+        return _visible(faces, width, height)
+
+
+@register_detector("yolo")
+class Yolo:
+    """Ultralytics YOLO face model: weights path or URI (`face_yolov8n.pt`) or a model YAML.
+
+    Runs batched, on the GPU when one is visible.
+    """
+
+    name = "yolo"
+    uses_gpu = True
+    whole_image = False
+    image_size = 640
+
+    def __init__(self, *, weights: str | None, min_score: float, device: Any):
+        from ultralytics import YOLO
+
+        if not weights:
+            raise ValueError("yolo needs --detector-weights: a YOLO face model path or URI (.pt)")
+        source = weights if weights.endswith((".yaml", ".yml")) else storage.local_copy(weights)
+        self._model = YOLO(source)
+        self._min_score = min_score
+        if device is None:
+            import torch
+
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        self._device = device
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        if not images:
+            return []
+        bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in images]
+        results = self._model.predict(
+            bgr, imgsz=self.image_size, conf=self._min_score, device=self._device, verbose=False
+        )
+        out = []
+        for image, result in zip(images, results, strict=True):
+            height, width = image.shape[:2]
+            boxes = result.boxes.xyxy.cpu().numpy() if result.boxes is not None else []
+            scores = result.boxes.conf.cpu().numpy() if result.boxes is not None else []
+            points = _five_points(result, len(boxes))
+            faces = [Face(tuple(map(float, b)), float(s), p) for b, s, p in zip(boxes, scores, points, strict=True)]
+            out.append(_visible(faces, width, height))
+        return out
+
+
+def _floats(point: Sequence[float]) -> tuple[float, float]:
+    return float(point[0]), float(point[1])
+
+
+def _five_points(result: Any, count: int) -> list[tuple[tuple[float, float], ...] | None]:
+    """Each box's five landmarks from a YOLO pose-style face model; None per box for models without them."""
+    keypoints = getattr(result, "keypoints", None)
+    if keypoints is None or keypoints.xy is None or keypoints.xy.shape[-2] != 5:
+        return [None] * count
+    return [tuple(map(_floats, face)) for face in keypoints.xy.cpu().numpy()]
