@@ -133,7 +133,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--age-head", choices=["distribution", "regression"])
     parser.add_argument("--image-size", type=int)
     parser.add_argument(
-        "--augmentation", choices=["basic", "photo"], help="training augmentation (train.AUGMENTATIONS)"
+        "--augmentation", choices=["basic", "photo"], help="training augmentation (augment.AUGMENTATIONS)"
     )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--phase1-epochs", type=int)

@@ -32,7 +32,7 @@ CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
 class ModelConfig:
     """Everything needed to rebuild the network, recorded in its checkpoint.
 
-    No defaults here: they live in `config.TrainSettings` (`train.model_config` builds this).
+    No defaults here: they live in `config.TrainSettings` (`train_loop.model_config` builds this).
     """
 
     backbone: str

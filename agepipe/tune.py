@@ -13,14 +13,8 @@ from typing import Any
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
-from agepipe.train import (
-    PLACEMENT_GROUP_ID,
-    export_checkpoint,
-    make_trainer,
-    plan_dataset,
-    prepare_run,
-    with_absolute_paths,
-)
+from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run, with_absolute_paths, worker_cpus
+from agepipe.train_loop import PLACEMENT_GROUP_ID
 
 # A trial function only drives its TorchTrainer; the workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
@@ -71,22 +65,34 @@ def trial_report_callback() -> Any:
     return TrialReportCallback()
 
 
-def release_stopped_trials_callback() -> Any:
-    """A Tune callback that gives back the cluster share of a trial that has ended.
+def release_train_run(train_run_id: str | None, placement_group_id: str | None) -> None:
+    """Give back what a Train run holds on the cluster when Tune has killed its trial.
 
-    A Train run registers its workers' resources with Ray Data's autoscaling coordinator and removes
-    its workers' placement group on shutdown; a trial that ASHA stops (at its last epoch too) is
-    killed instead. Its reservation would then stay until it expires (3 minutes) and its placement
-    group until Train's cleaner sees the run's controller dead, which it can only learn from the
-    dashboard's State API: without a dashboard, never. On a 2-CPU machine the next trial waits forever.
+    The one place that reaches into Ray's private APIs, because no public one does this: a Train run
+    registers its workers' resources with Ray Data's autoscaling coordinator and removes its workers'
+    placement group on shutdown, but a trial that ASHA stops (at its last epoch too) is killed instead.
+    Its reservation would then stay until it expires (3 minutes) and its placement group until Train's
+    cleaner sees the run's controller dead, which it can only learn from the dashboard's State API:
+    without a dashboard, never. On a 2-CPU machine the next trial would wait forever.
     """
     import ray.util
-    from ray import tune
     from ray._raylet import PlacementGroupID
     from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
         TrainAutoscalingCoordinatorClient,
     )
     from ray.util.placement_group import PlacementGroup
+
+    if train_run_id:  # the requester id Train's own scaling policy uses
+        TrainAutoscalingCoordinatorClient(f"train-{train_run_id}").cancel_resource_request()
+    if placement_group_id:
+        group = PlacementGroup(PlacementGroupID.from_hex(placement_group_id))
+        if ray.util.placement_group_table(group).get("state") != "REMOVED":
+            ray.util.remove_placement_group(group)
+
+
+def release_stopped_trials_callback() -> Any:
+    """A Tune callback that gives back the cluster share of a trial that has ended (`release_train_run`)."""
+    from ray import tune
 
     class ReleaseStoppedTrials(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -98,12 +104,7 @@ def release_stopped_trials_callback() -> Any:
         @staticmethod
         def release(trial: Any) -> None:
             result = trial.last_result or {}
-            if result.get(TRAIN_RUN_ID):  # the requester id Train's own scaling policy uses
-                TrainAutoscalingCoordinatorClient(f"train-{result[TRAIN_RUN_ID]}").cancel_resource_request()
-            if result.get(PLACEMENT_GROUP_ID):
-                group = PlacementGroup(PlacementGroupID.from_hex(result[PLACEMENT_GROUP_ID]))
-                if ray.util.placement_group_table(group).get("state") != "REMOVED":
-                    ray.util.remove_placement_group(group)
+            release_train_run(result.get(TRAIN_RUN_ID), result.get(PLACEMENT_GROUP_ID))
 
     return ReleaseStoppedTrials()
 
@@ -158,10 +159,11 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     per_trial = base.num_workers * (base.cpus_per_worker or 1)
     max_concurrent = settings.max_concurrent_trials or max(1, int(cluster_cpus // (per_trial + 1)))
     if not base.cpus_per_worker:
-        # Trials share the cluster: one whole CPU stays free for Ray Data (its file listing takes
-        # a full CPU), the trial drivers hold a sliver each, the workers the rest.
-        spare = cluster_cpus - 1 - TRIAL_DRIVER_CPUS * max_concurrent
-        base = dataclasses.replace(base, cpus_per_worker=max(0.25, spare / (max_concurrent * base.num_workers)))
+        # Trials share the cluster; their drivers hold a sliver each, their workers the rest.
+        share = worker_cpus(
+            cluster_cpus, max_concurrent * base.num_workers, reserved=TRIAL_DRIVER_CPUS * max_concurrent
+        )
+        base = dataclasses.replace(base, cpus_per_worker=share)
     fs, path = storage.resolve(base.output)
     scheduler = ASHAScheduler(
         max_t=base.phase1_epochs + base.phase2_epochs,

@@ -23,10 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import linked_folder, median, utkface_files, write_results  # noqa: E402
 
+from agepipe.augment import image_transform, to_tensors  # noqa: E402
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings, TrainSettings  # noqa: E402
 from agepipe.crop import run_crop  # noqa: E402
 from agepipe.model import AgeModel, freeze_backbone, set_train_mode  # noqa: E402
-from agepipe.train import image_transform, model_config, multitask_loss, run_training, to_tensors  # noqa: E402
+from agepipe.train import run_training  # noqa: E402
+from agepipe.train_loop import model_config, multitask_loss  # noqa: E402
 
 
 def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:

@@ -22,7 +22,7 @@ from agepipe.model import (
     save_checkpoint,
     set_train_mode,
 )
-from agepipe.train import model_config
+from agepipe.train_loop import model_config
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -22,14 +22,12 @@ from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint, normalize_uint8
 from agepipe.train import (
-    LR_SCHEDULES,
     balancing_weights,
     require_gpus,
-    step_schedule,
     stratified_split,
     usable_rows,
-    warmup_factor,
 )
+from agepipe.train_loop import LR_SCHEDULES, step_schedule, warmup_schedule
 from agepipe.tune import TUNED_FIELDS
 
 
@@ -104,8 +102,18 @@ def test_lr_schedules_by_name() -> None:
 
 
 def test_warmup_ramps_linearly_to_the_scheduled_rate() -> None:
-    assert [warmup_factor(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_factor(0, 0) == 1.0  # no warm-up: the scheduled rate from the first step
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    epochs = LR_SCHEDULES["cosine"](optimizer, TrainSettings(), 5)
+    warmup = warmup_schedule(optimizer, 4)
+    rates = []
+    for _ in range(6):  # optimizer steps within the first epoch
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        warmup.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    epochs.step()  # the epoch schedule goes on from the full rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(_rates("cosine", [9.0] * 5, TrainSettings())[1])
+    assert warmup_schedule(optimizer, 0) is None  # no warm-up: the scheduled rate from the first step
 
 
 def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_path) -> None:
