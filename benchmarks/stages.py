@@ -30,7 +30,7 @@ from wild import build_photos, held_out_faces  # noqa: E402
 from agepipe.config import CropSettings, ScoreSettings  # noqa: E402
 from agepipe.detectors import create_detector  # noqa: E402
 from agepipe.faces import crop_face  # noqa: E402
-from agepipe.images import decode  # noqa: E402
+from agepipe.images import decode, encode  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
@@ -64,6 +64,7 @@ def score_job_seconds(scratch: Path, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=200)
+    parser.add_argument("--large", type=int, default=20, help="photos also timed at 4000x3000")
     parser.add_argument("--results", default="stages")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -91,6 +92,17 @@ def main() -> None:
         ),
         "model (onnxruntime, batch 64)": (timed(lambda: predictor.predict_crops(crops)), len(crops), "faces"),
     }
+    # Phone-camera sizes: the first photos upscaled to 4000x3000, the same JPEG quality.
+    large = [encode(cv2.resize(image, (4000, 3000)), "jpeg", 90) for image in images[: args.large]]
+    large_images = [decode(p) for p in large]
+    large_stages = {
+        "decode (JPEG, 4000x3000)": (timed(lambda: [decode(p) for p in large]), len(large), "photos"),
+        "detect (YuNet, 4000x3000)": (
+            timed(lambda: [detector.detect([i]) for i in large_images]),
+            len(large),
+            "photos",
+        ),
+    }
     job_seconds = score_job_seconds(scratch, repeats=3)
     shutil.rmtree(scratch)
     rows = [
@@ -100,7 +112,7 @@ def main() -> None:
             "per item ms": 1000 * seconds / count,
             "per core / s": count / seconds,
         }
-        for name, (seconds, count, unit) in stages.items()
+        for name, (seconds, count, unit) in {**stages, **large_stages}.items()
     ]
     faces_per_photo = len(crops) / len(images)
     per_photo = sum(1000 * s / c * (faces_per_photo if u == "faces" else 1) for s, c, u in stages.values())
