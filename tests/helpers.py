@@ -42,8 +42,8 @@ TINY_RUN = (
 
 
 def kill_when_files_appear(args: list[str], output: Path, files: int, timeout: float = 300) -> None:
-    """Start `agepipe ARGS` in a process group of its own (the driver and the Ray it starts) and kill the
-    whole group once `output` holds `files` Parquet files."""
+    """Start `agepipe ARGS` in a process group of its own (the driver and the Ray it starts), kill the
+    whole group once `output` holds `files` Parquet files, and return once nothing writes there."""
     process = subprocess.Popen(
         [sys.executable, "-m", "agepipe.cli", *args],
         stdout=subprocess.DEVNULL,
@@ -56,6 +56,13 @@ def kill_when_files_appear(args: list[str], output: Path, files: int, timeout: f
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    # Ray's worker processes run in process groups of their own and exit once they see their raylet
+    # gone: one in the middle of a batch may still finish writing it. Wait until the output is still.
+    files, still_since = set(output.glob("*")), time.time()
+    while time.time() - still_since < 5 and time.time() < deadline + 60:
+        time.sleep(0.5)
+        if (now := set(output.glob("*"))) != files:
+            files, still_since = now, time.time()
 
 
 def registered_checkpoints(run_dir: Path) -> list[str]:
