@@ -184,6 +184,8 @@ FACE_SCHEMA = pa.schema(
     ]
 )
 
+_UNSET_FACE_COLUMNS = {f.name: None for f in FACE_SCHEMA if f.name != "path"}
+
 
 def crop_images(
     payloads: Sequence[bytes | np.ndarray], detector: Detector, settings: CropSettings
@@ -246,5 +248,4 @@ def crop_images(
 
 def face_row(detector_name: str, **values: Any) -> dict[str, Any]:
     """A row of `FACE_SCHEMA` but its path (unset columns None), with the face's `crop` pixels attached."""
-    unset = {f.name: None for f in FACE_SCHEMA if f.name != "path"}
-    return {**unset, "num_faces": 0, "detector": detector_name, "crop": None, **values}
+    return {**_UNSET_FACE_COLUMNS, "num_faces": 0, "detector": detector_name, "crop": None, **values}

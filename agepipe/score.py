@@ -52,7 +52,7 @@ def label_columns(path: str, label_fn: Any, settings: LabelSettings) -> dict[str
     return {f"label_{k}": labels[k] for k in ("age", "gender", "race", "age_group")}
 
 
-def face_rows(batch: dict[str, np.ndarray], predictor: Predictor) -> list[dict[str, Any]]:
+def cropped_rows(batch: dict[str, np.ndarray], predictor: Predictor) -> list[dict[str, Any]]:
     """The face rows, crops attached, of a batch of image paths, by the predictor's detector and crop."""
     return read_and_crop([str(p) for p in batch["path"]], predictor.crop_images, predictor.crop.detector)
 
@@ -95,7 +95,7 @@ class ScoreWorker(_LabelledOutput):
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = face_rows(batch, self.predictor)
+        rows = cropped_rows(batch, self.predictor)
         return self.table(score_rows(rows, self.predictor))
 
 
@@ -110,7 +110,7 @@ class CropStageWorker:
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = face_rows(batch, self.predictor)
+        rows = cropped_rows(batch, self.predictor)
         for row in rows:
             crop = row.pop("crop")
             row["crop"] = None if crop is None else crop.tobytes()

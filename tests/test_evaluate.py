@@ -224,7 +224,7 @@ def write_predictions(rows: list[dict], folder: Path, files: int = 2) -> str:
 def scored(utkface_dir, model_path, tmp_path_factory) -> dict:
     """Real predictions over FACES UTKFace faces, an unreadable file and a photo without a face."""
     from agepipe.predict import Predictor
-    from agepipe.score import face_rows, score_rows
+    from agepipe.score import cropped_rows, score_rows
 
     root = tmp_path_factory.mktemp("evaluate")
     names = sorted(p.name for p in utkface_dir.glob("*.jpg"))
@@ -235,7 +235,7 @@ def scored(utkface_dir, model_path, tmp_path_factory) -> dict:
     predictor = Predictor(model_path, {"detector": "none"}, flip_tta=False)
     rows = []
     for start in range(0, len(paths), 50):
-        scored = score_rows(face_rows({"path": paths[start : start + 50]}, predictor), predictor)
+        scored = score_rows(cropped_rows({"path": paths[start : start + 50]}, predictor), predictor)
         rows += [{c: row.get(c) for c in ["path", *PREDICTION_COLUMNS]} for row in scored]
     no_face = {c: None for c in PREDICTION_COLUMNS} | {"num_faces": 0, "error": "no_face"}
     rows.append({"path": str(root / "landscape.jpg"), **no_face})
