@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from agepipe.config import AgeGroups
+from agepipe.faces import FILL_COLOUR
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import model_input, normalize_uint8, resize_uint8
 
@@ -28,28 +31,80 @@ class DownUp:
         return resize_uint8(resize_uint8(image, small), side)
 
 
-def basic_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+def fill_mask(image: torch.Tensor, tolerance: int = 10) -> np.ndarray:
+    """Where a crop (uint8 CHW) shows the crop's fill colour, as (H, W) bool: the pixels within `tolerance`
+    of FILL_COLOUR in every channel that connect to the crop's border, grown by a pixel to take in the
+    seam that resizing blends."""
+    pixels = image.permute(1, 2, 0).numpy().astype(np.int16)
+    near = (np.abs(pixels - np.array(FILL_COLOUR, np.int16)).max(axis=2) <= tolerance).astype(np.uint8)
+    count, labels = cv2.connectedComponents(near, connectivity=4)
+    if count <= 1:
+        return np.zeros(near.shape, bool)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    touching = np.isin(labels, border[border > 0])
+    return cv2.dilate(touching.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+class RandomBackground:
+    """Fill what lies outside a face's source image with a piece of another training crop, zoomed and
+    placed at random: an aligned dataset's crops run past their image into the flat fill colour, where
+    a face in a photo has a background. Sources are the last `memory` crops this transform has seen."""
+
+    def __init__(self, p: float = 0.8, memory: int = 16, zoom: tuple[float, float] = (1.0, 3.0)) -> None:
+        self.p = p
+        self.zoom = zoom
+        self._seen: collections.deque[torch.Tensor] = collections.deque(maxlen=memory)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        sources = list(self._seen)
+        self._seen.append(image)
+        if not sources or float(torch.rand(1)) >= self.p:
+            return image
+        mask = fill_mask(image)
+        if not mask.any():
+            return image
+        source = sources[int(torch.randint(len(sources), (1,)))]
+        side = source.shape[-1]
+        window = max(8, round(side / float(torch.empty(1).uniform_(*self.zoom))))
+        top, left = (int(torch.randint(side - window + 1, (1,))) for _ in range(2))
+        texture = resize_uint8(source[:, top : top + window, left : left + window], image.shape[-1])
+        if float(torch.rand(1)) < 0.5:
+            texture = texture.flip(-1)
+        return torch.where(torch.from_numpy(mask), texture, image)
+
+
+def basic_augmentation(affine_fill: tuple[int, int, int] = (0, 0, 0)) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     return [
         v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=15, scale=(0.9, 1.1), translate=(0.05, 0.05)),
+        v2.RandomAffine(degrees=15, scale=(0.9, 1.1), translate=(0.05, 0.05), fill=list(affine_fill)),
         # No hue jitter: it costs more than the rest of the augmentation together on CPU.
         v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25),
     ]
 
 
-def photo_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """The basic set plus what faces in wide photos suffer: low resolution, blur, JPEG compression."""
+def photo_degradations() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """What faces in wide photos suffer: low resolution, blur, JPEG compression."""
     return [
-        *basic_augmentation(),
         v2.RandomApply([DownUp(scale=(0.3, 0.8))], p=0.3),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.2),
         v2.RandomApply([v2.JPEG(quality=(50, 95))], p=0.3),
     ]
 
 
+def photo_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    return [*basic_augmentation(), *photo_degradations()]
+
+
+def wild_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The photo set with a background wherever the crop runs past its image, the corners that the
+    affine uncovers included (they get the fill colour first, as the crop job gives them)."""
+    return [*basic_augmentation(affine_fill=FILL_COLOUR), RandomBackground(), *photo_degradations()]
+
+
 AUGMENTATIONS: dict[str, Callable[[], list[Callable[[torch.Tensor], torch.Tensor]]]] = {
     "basic": basic_augmentation,
     "photo": photo_augmentation,
+    "wild": wild_augmentation,
 }
 
 

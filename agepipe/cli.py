@@ -126,6 +126,8 @@ def run_score_command(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from agepipe.augment import AUGMENTATIONS
+
     parser.add_argument("--data", required=True, help="the crop job's Parquet dataset (path or s3://)")
     parser.add_argument("--output", required=True, help="run folder (path or s3://): checkpoints, metrics")
     parser.add_argument("--backbone", help="timm model name (default efficientnet_lite0)")
@@ -133,7 +135,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--age-head", choices=["distribution", "regression"])
     parser.add_argument("--image-size", type=int)
     parser.add_argument(
-        "--augmentation", choices=["basic", "photo"], help="training augmentation (augment.AUGMENTATIONS)"
+        "--augmentation", choices=sorted(AUGMENTATIONS), help="training augmentation (augment.AUGMENTATIONS)"
     )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--phase1-epochs", type=int)

@@ -190,7 +190,7 @@ class TrainSettings:
     dense_units: int = 512
     dropout: float = 0.3
     image_size: int = 128
-    augmentation: str = "basic"  # augment.AUGMENTATIONS: basic, or photo (adds low resolution, blur, JPEG)
+    augmentation: str = "basic"  # augment.AUGMENTATIONS: basic, photo (+ blur, JPEG), wild (+ backgrounds)
     batch_size: int = 64
     phase1_epochs: int = 1
     phase2_epochs: int = 14
