@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from agepipe import config
 from agepipe.cluster import ClusterUnreachable
@@ -22,221 +26,121 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
     return register
 
 
-def add_crop_settings(parser: argparse.ArgumentParser) -> None:
-    """Detector and crop options shared by crop, score and serve."""
-    from agepipe.detectors import DETECTORS
-    from agepipe.faces import CROP_GEOMETRIES
-
-    group = parser.add_argument_group("face detection and cropping")
-    group.add_argument("--detector", choices=sorted(DETECTORS), help="face detector")
-    group.add_argument("--detector-weights", help="detector weights: a path or URI")
-    group.add_argument("--min-score", type=float, help="detector confidence threshold")
-    group.add_argument("--all-faces", action="store_true", default=None, help="every face, not only the largest")
-    group.add_argument("--geometry", choices=sorted(CROP_GEOMETRIES), help="how a face is placed in its crop")
-    group.add_argument("--margin", type=float, help="margin around the face box, fraction of its size")
-    group.add_argument("--size", type=int, help="crop side in pixels")
+def _choices(spec: str | tuple[str, ...] | None) -> list[str] | None:
+    """A field's choices: a tuple, or the keys of a registry named "module:NAME"."""
+    if spec is None or isinstance(spec, tuple):
+        return None if spec is None else list(spec)
+    module, name = spec.split(":")
+    return sorted(getattr(importlib.import_module(module), name))
 
 
-def crop_overrides(args: argparse.Namespace, prefix: str = "crop.") -> dict:
-    """The crop flags as dotted settings keys (None where a flag was not given)."""
-    names = ("detector", "detector_weights", "min_score", "all_faces", "geometry", "margin", "size")
-    return {prefix + name: getattr(args, name) for name in names}
+def _flag_type(hint: Any) -> type:
+    """int, float, str or bool from a field's annotation (`int | None` gives int)."""
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return options[0]
 
 
-def given_crop_overrides(args: argparse.Namespace) -> dict | None:
-    """Only the crop flags that were given, for a model's recorded crop settings; None if none were."""
-    return {k: v for k, v in crop_overrides(args, prefix="").items() if v is not None} or None
+def _help(field: dataclasses.Field, kind: type, overridden: dict | None) -> str:
+    """The field's help and its default; for a model's crop overrides, the override's default or the
+    model's own setting."""
+    text = field.metadata["help"]
+    default = field.default
+    if overridden is not None:
+        if field.name not in overridden:
+            return f"{text} (default: as the model's checkpoint records it)"
+        default = overridden[field.name]
+    if kind is bool:
+        shown = "off" if default is field.metadata["negate"] else "on"
+        return f"{text} (default: {shown})" if default is not None else text
+    if default in (None, "", dataclasses.MISSING) or field.metadata["required"]:
+        return text
+    return f"{text} (default: {default})"
 
 
-def add_crop_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the Parquet dataset")
-    parser.add_argument("--labels", help="utkface, imdb, none (default), or a CSV/Parquet table URI")
-    parser.add_argument("--max-age", type=float, help="cap ages at this value (default 100)")
-    parser.add_argument("--encoding", choices=["jpeg", "png"], help="crop encoding (default jpeg q95)")
-    parser.add_argument("--batch-size", type=int, help="images per batch, written as one Parquet file")
-    parser.add_argument("--concurrency", type=int, help="detector actors (default: one per CPU)")
-    add_crop_settings(parser)
+def add_setting_flags(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, overridden: dict | None = None
+) -> None:
+    """One flag per `config.setting` field of `cls` and of the settings nested in it; each flag's dest
+    is the field's dotted key (`crop.margin`, `crop_overrides.margin`), set only where it is given.
+    `overridden` (a crop_overrides dict's default) marks CropSettings flags that override a model's."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        nested = field.metadata.get("flags")
+        if nested == "fields":
+            add_setting_flags(parser, hints[field.name], f"{prefix}{field.name}.")
+            continue
+        if nested == "crop":
+            add_setting_flags(parser, config.CropSettings, f"{prefix}{field.name}.", overridden=field.default_factory())
+            continue
+        if "help" not in field.metadata or (field.metadata["crop_job_only"] and overridden is not None):
+            continue
+        kind = _flag_type(hints[field.name])
+        name = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        options: dict[str, Any] = {"dest": prefix + field.name, "help": _help(field, kind, overridden)}
+        if field.metadata["required"]:
+            options["required"] = True
+        if kind is bool and field.metadata["negate"]:
+            options.update(action="store_const", const=False)
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            none_word = field.metadata["none_word"]
+            options["type"] = lambda v, t=kind, w=none_word: None if v == w else t(v)
+            choices = _choices(field.metadata["choices"])
+            if choices:
+                options["choices"] = choices
+            else:
+                options["metavar"] = kind.__name__.upper()
+        parser.add_argument(name, **options)
 
 
-@command("crop", add_crop_arguments)
-def run_crop_command(args: argparse.Namespace) -> int:
+def settings_from_args(cls: type[config.T], args: argparse.Namespace) -> config.T:
+    """Defaults, then `--config` YAML, then the flags given: the same order for every command."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return config.apply_overrides(config.load(cls, getattr(args, "config", None)), given, skip_none=False)
+
+
+def settings_command(name: str, cls: type) -> Callable:
+    """Register `run(settings)` as a command whose flags are `cls`'s settings fields."""
+
+    def register(run: Callable[[Any], int]) -> Callable:
+        COMMANDS[name] = (
+            lambda parser: add_setting_flags(parser, cls),
+            lambda args: run(settings_from_args(cls, args)),
+        )
+        return run
+
+    return register
+
+
+@settings_command("crop", config.CropJobSettings)
+def run_crop_command(settings: config.CropJobSettings) -> int:
     from agepipe.crop import run_crop
 
-    settings = config.load(
-        config.CropJobSettings,
-        args.config,
-        input=args.input,
-        output=args.output,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        **{"labels.kind": args.labels, "labels.max_age": args.max_age, "crop.encoding": args.encoding},
-        **crop_overrides(args),
-    )
-    summary = run_crop(settings)
-    print(summary.render("crop"))
+    print(run_crop(settings).render("crop"))
     return 0
 
 
-def add_flip_tta_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--flip-tta",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also run each face mirrored and average the two (twice the model time; default off)",
-    )
-
-
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive)")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions Parquet")
-    parser.add_argument("--model", help="checkpoint path or URI (default: the bundled default model)")
-    parser.add_argument("--labels", help="add label_* columns: utkface, imdb, or a CSV/Parquet table URI")
-    parser.add_argument("--batch-size", type=int, help="images per batch")
-    parser.add_argument("--concurrency", type=int, help="scoring actors (default: one per CPU)")
-    parser.add_argument(
-        "--largest-face-only", action="store_true", default=None, help="score only the largest face of each image"
-    )
-    add_flip_tta_argument(parser)
-    parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
-    add_crop_settings(parser)
-
-
-@command("score", add_score_arguments)
-def run_score_command(args: argparse.Namespace) -> int:
+@settings_command("score", config.ScoreSettings)
+def run_score_command(settings: config.ScoreSettings) -> int:
     from agepipe.score import run_score
 
-    settings = config.load(
-        config.ScoreSettings,
-        args.config,
-        input=args.input,
-        output=args.output,
-        model=args.model,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        flip_tta=args.flip_tta,
-        runtime=args.runtime,
-        largest_face_only=args.largest_face_only,
-        crop_overrides=given_crop_overrides(args),
-        **{"labels.kind": args.labels},
-    )
-    summary = run_score(settings)
-    print(summary.render("score"))
+    print(run_score(settings).render("score"))
     return 0
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from agepipe.augment import AUGMENTATIONS
-
-    parser.add_argument("--data", required=True, help="the crop job's Parquet dataset (path or s3://)")
-    parser.add_argument("--output", required=True, help="run folder (path or s3://): checkpoints, metrics")
-    parser.add_argument("--backbone", help="timm model name (default efficientnet_lite0)")
-    parser.add_argument("--pretrained", help="default, hub, none, or a weights path/URI")
-    parser.add_argument("--age-head", choices=["distribution", "regression"])
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument(
-        "--augmentation", choices=sorted(AUGMENTATIONS), help="training augmentation (augment.AUGMENTATIONS)"
-    )
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--phase1-epochs", type=int)
-    parser.add_argument("--phase2-epochs", type=int)
-    parser.add_argument("--phase1-lr", type=float)
-    parser.add_argument("--phase2-lr", type=float)
-    parser.add_argument("--lr-schedule", choices=["cosine", "plateau"], help="per-phase learning-rate schedule")
-    parser.add_argument("--warmup-epochs", type=float, help="learning-rate ramp at the start of phase 2, in epochs")
-    parser.add_argument("--unfreeze-stages", type=int, help="backbone stages trained in phase 2")
-    parser.add_argument(
-        "--train-batchnorm",
-        dest="freeze_batchnorm",
-        action="store_false",
-        default=None,
-        help="phase 2 also trains the unfrozen stages' BatchNorm (default: kept frozen)",
-    )
-    parser.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    parser.add_argument("--limit", type=int, help="use at most this many faces (quick runs)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP)")
-    parser.add_argument(
-        "--cpus-per-worker", type=float, help="CPUs each worker reserves (unset: the cluster's CPUs less one, shared)"
-    )
-    parser.add_argument("--use-gpu", action="store_true", default=None)
-    parser.add_argument("--seed", type=int)
-
-
-TRAIN_FLAGS = (
-    "data",
-    "output",
-    "backbone",
-    "age_head",
-    "image_size",
-    "augmentation",
-    "batch_size",
-    "phase1_epochs",
-    "phase2_epochs",
-    "phase1_lr",
-    "phase2_lr",
-    "lr_schedule",
-    "warmup_epochs",
-    "unfreeze_stages",
-    "freeze_batchnorm",
-    "patience",
-    "limit",
-    "num_workers",
-    "cpus_per_worker",
-    "use_gpu",
-    "seed",
-)
-
-
-def train_settings(args: argparse.Namespace) -> config.TrainSettings:
-    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if hasattr(args, name)}
-    if args.pretrained not in (None, "none"):
-        overrides["pretrained"] = args.pretrained
-    settings = config.load(config.TrainSettings, args.config, **overrides)
-    if args.pretrained == "none":
-        settings.pretrained = None  # set after loading: a None override counts as not given
-    return settings
-
-
-@command("train", add_train_arguments)
-def run_train_command(args: argparse.Namespace) -> int:
+@settings_command("train", config.TrainSettings)
+def run_train_command(settings: config.TrainSettings) -> int:
     from agepipe.train import run_training
 
-    result = run_training(train_settings(args))
-    print(f"train: {result}")
+    print(f"train: {run_training(settings)}")
     return 0
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, help="the scoring job's Parquet dataset (or s3://)")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for report, plots, metrics")
-    parser.add_argument(
-        "--labels",
-        help="labels from paths: utkface, imdb, or a CSV/Parquet table URI (default: the label_* columns)",
-    )
-    parser.add_argument("--max-age", type=float, help="cap label ages at this value (default 100)")
-    parser.add_argument("--run", help="training run folder: adds its training curves (metrics.csv)")
-    parser.add_argument("--model", help="checkpoint that scored the predictions, for Grad-CAM (default one)")
-    parser.add_argument("--gradcam-faces", type=int, help="faces in the Grad-CAM grid (0: none; default 8)")
-    parser.add_argument("--seed", type=int, help="seed for the Grad-CAM and scatter samples")
-    add_crop_settings(parser)
-
-
-@command("evaluate", add_evaluate_arguments)
-def run_evaluate_command(args: argparse.Namespace) -> int:
+@settings_command("evaluate", config.EvaluateSettings)
+def run_evaluate_command(settings: config.EvaluateSettings) -> int:
     from agepipe.evaluate import run_evaluate
 
-    settings = config.load(
-        config.EvaluateSettings,
-        args.config,
-        predictions=args.predictions,
-        output=args.output,
-        run=args.run,
-        model=args.model,
-        gradcam_faces=args.gradcam_faces,
-        seed=args.seed,
-        crop_overrides=given_crop_overrides(args),
-        **{"labels.kind": args.labels, "labels.max_age": args.max_age},
-    )
     result = run_evaluate(settings)
     metrics = result["metrics"]
     mae = f", MAE {metrics['age']['mae']:.2f} years" if metrics and metrics["age"]["mae"] is not None else ""
@@ -244,53 +148,18 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    add_train_arguments(parser)
-    parser.add_argument("--num-samples", type=int, help="trials to run (default 8)")
-    parser.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs allow")
-
-
-@command("tune", add_tune_arguments)
-def run_tune_command(args: argparse.Namespace) -> int:
+@settings_command("tune", config.TuneSettings)
+def run_tune_command(settings: config.TuneSettings) -> int:
     from agepipe.tune import run_tune
 
-    settings = config.TuneSettings(train=train_settings(args))
-    config.apply_overrides(
-        settings, {"num_samples": args.num_samples, "max_concurrent_trials": args.max_concurrent_trials}
-    )
     print(f"tune: {run_tune(settings)}")
     return 0
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint path or URI (default: the bundled default model)")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--max-body-bytes", type=int, help="largest accepted upload (default 10 MiB)")
-    parser.add_argument("--batch-size", type=int, help="most requests per batched forward pass")
-    parser.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
-    add_flip_tta_argument(parser)
-    parser.add_argument("--runtime", choices=["onnx", "torch"], help="onnx (CPU default) or torch (GPU default)")
-    add_crop_settings(parser)
-
-
-@command("serve", add_serve_arguments)
-def run_serve_command(args: argparse.Namespace) -> int:
+@settings_command("serve", config.ServeSettings)
+def run_serve_command(settings: config.ServeSettings) -> int:
     from agepipe.serve import run_server
 
-    settings = config.load(
-        config.ServeSettings,
-        args.config,
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_bytes,
-        batch_size=args.batch_size,
-        max_replicas=args.max_replicas,
-        flip_tta=args.flip_tta,
-        runtime=args.runtime,
-    )
-    settings.crop_overrides.update(given_crop_overrides(args) or {})
     run_server(settings)
     return 0
 
@@ -327,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agepipe", description="Facial age estimation at scale on Ray.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _) in COMMANDS.items():
-        sub = subparsers.add_parser(name)
-        sub.add_argument("--config", help="YAML file of settings (flags override it)")
+        # Flags not given stay out of the namespace, so that a given flag may set None (`--pretrained none`).
+        sub = subparsers.add_parser(name, argument_default=argparse.SUPPRESS)
+        sub.add_argument("--config", help="YAML file of settings (the flags given override it)")
         add_arguments(sub)
     return parser
 

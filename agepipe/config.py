@@ -1,13 +1,16 @@
 """Typed settings with their defaults: the one place where defaults live.
 
 Every stage takes one of these dataclasses. Values come from the defaults here,
-then an optional YAML file, then command-line flags (`apply_overrides`).
+then an optional YAML file, then command-line flags (`apply_overrides`). A field made
+with `setting(help=...)` is also a command-line flag: `cli` builds each command's flags,
+their help and their shown defaults from these fields alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +21,37 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_AGE_BINS = (0, 13, 26, 43, 61)
 DEFAULT_AGE_GROUPS = ("Child", "Youth", "Adult", "Middle Age", "Senior")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Callable[[], Any] | None = None,
+    flag: str | None = None,
+    choices: str | tuple[str, ...] | None = None,
+    required: bool = False,
+    negate: bool = False,
+    none_word: str | None = None,
+    crop_job_only: bool = False,
+) -> Any:
+    """A settings field that is also a command-line flag.
+
+    `flag` names it where `--field-name` would not do; `choices` is a tuple or a registry as
+    "module:NAME" (its keys, read when the parser is built); `negate` makes a boolean flag that sets
+    the field False; `none_word` is the value that sets an optional field to None; `crop_job_only`
+    keeps a crop setting off the commands that write no crops."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "required": required, "negate": negate,
+                "none_word": none_word, "crop_job_only": crop_job_only}  # fmt: skip
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def nested(factory: Callable[[], Any], flags: str = "fields") -> Any:
+    """A settings dataclass inside another: its flagged fields are flags of the outer one's commands
+    (`flags="fields"`), or, for `crop_overrides` dicts, CropSettings' flags fill the dict ("crop")."""
+    return field(default_factory=factory, metadata={"flags": flags})
 
 
 def shared_data_dir() -> Path:
@@ -45,8 +79,8 @@ class AgeGroups:
 class LabelSettings:
     """How labels are found: `kind` is utkface, imdb, none, or a CSV/Parquet table URI."""
 
-    kind: str = "none"
-    max_age: float = 100.0
+    kind: str = setting("none", help="labels: utkface, imdb, none, or a CSV/Parquet table URI", flag="--labels")
+    max_age: float = setting(100.0, help="cap ages at this value")
     groups: AgeGroups = field(default_factory=AgeGroups)
 
 
@@ -69,32 +103,37 @@ class CropSettings:
     template (eyes level), the box crop for detectors without landmarks; `clamped`, the square shrunk
     and moved to fit inside the image, which is how crops were made before this setting existed."""
 
-    detector: str = "dlib"
-    detector_weights: str | None = None
-    min_score: float | None = None  # None: the detector's default (DETECTOR_MIN_SCORES)
-    all_faces: bool = False
-    geometry: str = "landmarks"
-    margin: float = 0.0
-    size: int = 224
-    encoding: str = "jpeg"
-    jpeg_quality: int = 95
-    max_pixels: int = 40_000_000
+    detector: str = setting("dlib", help="face detector", choices="agepipe.detectors:DETECTORS")
+    detector_weights: str | None = setting(None, help="detector weights: a path or URI")
+    min_score: float | None = setting(None, help="detector confidence threshold; unset: the detector's own")
+    all_faces: bool = setting(False, help="every face of an image, not only the largest")
+    geometry: str = setting(
+        "landmarks", help="how a face is placed in its crop", choices="agepipe.faces:CROP_GEOMETRIES"
+    )
+    margin: float = setting(0.0, help="margin around the face box, a fraction of its size")
+    size: int = setting(224, help="crop side in pixels")
+    encoding: str = setting("jpeg", help="crop encoding", choices=("jpeg", "png"), crop_job_only=True)
+    jpeg_quality: int = setting(95, help="JPEG quality of the written crops", crop_job_only=True)
+    max_pixels: int = 40_000_000  # larger images are refused as too_large before they are decoded
 
 
 @dataclass
 class CropJobSettings:
     """The crop job: input, output and how Ray runs it."""
 
-    input: str = ""
-    output: str = ""
-    crop: CropSettings = field(default_factory=CropSettings)
-    labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = 500  # images per actor call, written as one Parquet file
-    concurrency: int | None = None
-    gpu_fraction: float = 0.25  # of a GPU per detection actor, for detectors that run on one (yolo)
+    input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
+    output: str = setting("", help="folder or s3:// prefix for the Parquet dataset", required=True)
+    crop: CropSettings = nested(CropSettings)
+    labels: LabelSettings = nested(LabelSettings)
+    batch_size: int = setting(500, help="images per batch, written as one Parquet file")
+    concurrency: int | None = setting(None, help="detector actors; unset: one per CPU")
+    gpu_fraction: float = setting(0.25, help="of a GPU per detection actor, for detectors that run on one (yolo)")
 
 
 T = TypeVar("T")
+
+# Faces per forward pass where a caller does not set it (serve, evaluate's Grad-CAM, notebooks).
+MODEL_BATCH_SIZE = 64
 
 LEGACY_GEOMETRY = "clamped"
 
@@ -145,15 +184,19 @@ def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
     return apply_overrides(settings, overrides)
 
 
-def apply_overrides(settings: T, overrides: dict[str, Any]) -> T:
-    """Set dotted keys (`crop.margin`) on a settings dataclass, skipping None values."""
+def apply_overrides(settings: T, overrides: dict[str, Any], skip_none: bool = True) -> T:
+    """Set dotted keys (`crop.margin`) on a settings dataclass, skipping None values unless `skip_none`
+    is off. A key into a dict field (`crop_overrides.margin`) sets that dict's item."""
     for dotted, value in overrides.items():
-        if value is None:
+        if value is None and skip_none:
             continue
         target: Any = settings
         *parents, leaf = dotted.split(".")
         for parent in parents:
             target = getattr(target, parent)
+        if isinstance(target, dict):
+            target[leaf] = value
+            continue
         if not hasattr(target, leaf):
             raise ValueError(f"unknown setting {dotted!r}")
         setattr(target, leaf, value)
@@ -164,60 +207,68 @@ def apply_overrides(settings: T, overrides: dict[str, Any]) -> T:
 class ScoreSettings:
     """Batch scoring: images in, one prediction row per face out."""
 
-    input: str = ""
-    output: str = ""
-    model: str | None = None
-    crop_overrides: dict[str, Any] = field(default_factory=dict)
-    largest_face_only: bool = False  # every face is scored unless this is set
-    labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = 256  # images per actor call and per forward pass
-    concurrency: int | None = None
-    gpu_fraction: float = 0.25
-    flip_tta: bool = False  # the mirrored pass doubles the model's time per face (benchmarks/score.py)
-    runtime: str | None = None
-    rows_per_file: int = 5000
+    input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
+    output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
+    model: str | None = setting(None, help="checkpoint path or URI; unset: the bundled default model")
+    crop_overrides: dict[str, Any] = nested(dict, flags="crop")
+    largest_face_only: bool = setting(False, help="score only the largest face of each image")
+    labels: LabelSettings = nested(LabelSettings)
+    batch_size: int = setting(256, help="images per actor call and per forward pass")
+    concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")
+    gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
+    flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
+    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
+    rows_per_file: int = setting(5000, help="prediction rows per Parquet file")
 
 
 @dataclass
 class TrainSettings:
     """Two-phase training on Ray Train: phase 1 trains the heads, phase 2 the top of the backbone."""
 
-    data: str = ""
-    output: str = ""
-    backbone: str = "efficientnet_lite0"
-    pretrained: str | None = "default"
-    age_head: str = "regression"
-    dense_units: int = 512
-    dropout: float = 0.3
-    image_size: int = 128
-    augmentation: str = "basic"  # augment.AUGMENTATIONS: basic, photo (+ blur, JPEG), wild (+ backgrounds)
-    batch_size: int = 64
-    phase1_epochs: int = 1
-    phase2_epochs: int = 14
-    phase1_lr: float = 3e-3
-    phase2_lr: float = 5e-4
-    weight_decay: float = 1e-4
-    unfreeze_stages: int = 9  # all of efficientnet_lite0 (7 block stages, conv_head, bn2); more = all
-    freeze_batchnorm: bool = True  # BatchNorm of unfrozen stages keeps its ImageNet weights and statistics
-    patience: int = 3
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.5  # linear learning-rate ramp over the start of phase 2
-    lr_factor: float = 0.3
-    lr_patience: int = 1
-    age_loss_weight: float = 1.0
-    group_loss_weight: float = 1.0
-    gender_loss_weight: float = 1.0
-    label_sigma: float = 2.0
-    max_per_age: int = 2000
-    min_per_age: int = 10
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 42
-    limit: int | None = None
-    num_workers: int = 2  # DDP workers; benchmarks/results/train.md compares one and two on 2 CPUs
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    max_failures: int = 2
+    data: str = setting("", help="the crop job's Parquet dataset (path or s3://)", required=True)
+    output: str = setting("", help="run folder (path or s3://): checkpoints, metrics", required=True)
+    backbone: str = setting("efficientnet_lite0", help="timm model name")
+    pretrained: str | None = setting(
+        "default", help="backbone weights: default, hub, none, or a path/URI", none_word="none"
+    )
+    age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
+    dense_units: int = setting(512, help="units of the shared dense layer")
+    dropout: float = setting(0.3, help="dropout before the heads")
+    image_size: int = setting(128, help="network input side in pixels")
+    augmentation: str = setting("basic", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
+    batch_size: int = setting(64, help="faces per step on each worker")
+    phase1_epochs: int = setting(1, help="epochs training the heads on the frozen backbone")
+    phase2_epochs: int = setting(14, help="epochs training the unfrozen stages too")
+    phase1_lr: float = setting(3e-3, help="phase 1 learning rate")
+    phase2_lr: float = setting(5e-4, help="phase 2 learning rate")
+    weight_decay: float = setting(1e-4, help="AdamW weight decay")
+    unfreeze_stages: int = setting(9, help="backbone stages trained in phase 2, from the top (more than it has: all)")
+    freeze_batchnorm: bool = setting(
+        True, help="phase 2 also trains the unfrozen stages' BatchNorm", flag="--train-batchnorm", negate=True
+    )
+    patience: int = setting(3, help="early-stopping patience in epochs")
+    lr_schedule: str = setting(
+        "cosine", help="per-phase learning-rate schedule", choices="agepipe.train_loop:LR_SCHEDULES"
+    )
+    warmup_epochs: float = setting(0.5, help="linear learning-rate ramp at the start of phase 2, in epochs")
+    lr_factor: float = setting(0.3, help="plateau schedule: rate factor on a plateau")
+    lr_patience: int = setting(1, help="plateau schedule: epochs without improvement before it cuts")
+    age_loss_weight: float = setting(1.0, help="weight of the age loss")
+    group_loss_weight: float = setting(1.0, help="weight of the age-group loss")
+    gender_loss_weight: float = setting(1.0, help="weight of the gender loss")
+    label_sigma: float = setting(2.0, help="distribution head: label smoothing in years")
+    max_per_age: int = setting(2000, help="training faces kept per year of age at most")
+    min_per_age: int = setting(10, help="training faces per year of age at least (repeated)")
+    val_fraction: float = setting(0.1, help="share of images held out for validation")
+    test_fraction: float = setting(0.1, help="share of images held out for the test split")
+    seed: int = setting(42, help="seed of the split, balancing and shuffling")
+    limit: int | None = setting(None, help="use at most this many faces (quick runs)")
+    num_workers: int = setting(2, help="Ray Train workers (DDP)")
+    use_gpu: bool = setting(False, help="one GPU per worker")
+    cpus_per_worker: float | None = setting(
+        None, help="CPUs each worker reserves; unset: the cluster's CPUs less one, shared"
+    )
+    max_failures: int = setting(2, help="restarts from the last checkpoint after a worker or node is lost")
     labels: LabelSettings = field(default_factory=LabelSettings)
 
 
@@ -227,51 +278,51 @@ class EvaluateSettings:
     report.html out. `model` and `crop_overrides` should match the scoring run: Grad-CAM re-crops
     sampled faces from their source images with them."""
 
-    predictions: str = ""
-    output: str = ""
-    labels: LabelSettings = field(default_factory=LabelSettings)
-    run: str | None = None
-    model: str | None = None
-    crop_overrides: dict[str, Any] = field(default_factory=dict)
-    gradcam_faces: int = 8
-    max_scatter_points: int = 20_000
-    seed: int = 0
+    predictions: str = setting("", help="the scoring job's Parquet dataset (or s3://)", required=True)
+    output: str = setting("", help="folder or s3:// prefix for report, plots, metrics", required=True)
+    labels: LabelSettings = nested(LabelSettings)
+    run: str | None = setting(None, help="training run folder: adds its training curves (metrics.csv)")
+    model: str | None = setting(None, help="checkpoint that scored the predictions, for Grad-CAM")
+    crop_overrides: dict[str, Any] = nested(dict, flags="crop")
+    gradcam_faces: int = setting(8, help="faces in the Grad-CAM grid (0: none)")
+    max_scatter_points: int = setting(20_000, help="points in the scatter plot at most")
+    seed: int = setting(0, help="seed for the Grad-CAM and scatter samples")
 
 
 @dataclass
 class ServeSettings:
     """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model: str | None = None
-    crop_overrides: dict[str, Any] = field(default_factory=lambda: {"all_faces": True})
+    host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
+    port: int = setting(8000, help="HTTP port")
+    model: str | None = setting(None, help="checkpoint path or URI; unset: the bundled default model")
+    crop_overrides: dict[str, Any] = nested(lambda: {"all_faces": True}, flags="crop")
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
-    flip_tta: bool = False
-    runtime: str | None = None
+    flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
+    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC
     # frozen after start-up), applied to a Ray that agepipe starts; variables already set win. Direct
     # ingress stays off: without Ray's HAProxy ingress it only opens another port per replica.
     ray_serve_env: dict[str, str] = field(
         default_factory=lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     )
-    max_body_bytes: int = 10 * 1024 * 1024
-    batch_size: int = 16
-    batch_wait_timeout_s: float = 0.02
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 8.0
-    max_ongoing_requests: int = 64
-    num_cpus: float = 1.0
-    gpu_fraction: float = 0.25
+    max_body_bytes: int = setting(10 * 1024 * 1024, help="largest accepted upload in bytes")
+    batch_size: int = setting(16, help="most requests per batched forward pass")
+    batch_wait_timeout_s: float = setting(0.02, help="longest wait for a batch to fill while the model is busy")
+    min_replicas: int = setting(1, help="autoscaling lower bound")
+    max_replicas: int = setting(2, help="autoscaling upper bound")
+    target_ongoing_requests: float = setting(8.0, help="autoscaling target per replica")
+    max_ongoing_requests: int = setting(64, help="requests a replica takes at once")
+    num_cpus: float = setting(1.0, help="CPUs per replica")
+    gpu_fraction: float = setting(0.25, help="of a GPU per replica, where there is one")
 
 
 @dataclass
 class TuneSettings:
     """Hyperparameter search over the training function; `train` holds the fixed settings."""
 
-    train: TrainSettings = field(default_factory=TrainSettings)
-    num_samples: int = 8
-    max_concurrent_trials: int | None = None
-    grace_period: int = 1
-    reduction_factor: int = 3
+    train: TrainSettings = nested(TrainSettings)
+    num_samples: int = setting(8, help="trials to run")
+    max_concurrent_trials: int | None = setting(None, help="unset: as many as the CPUs allow")
+    grace_period: int = setting(1, help="ASHA: epochs a trial runs before it can be stopped")
+    reduction_factor: int = setting(3, help="ASHA: the share of trials kept at each rung is 1 over this")

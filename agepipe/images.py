@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from agepipe.config import CropSettings
+
 # The pixel limit is enforced in `decode`; PIL's own limit would only warn below 2x.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -40,7 +42,7 @@ def pil_open():
     return opener
 
 
-def decode(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+def decode(data: bytes, max_pixels: int = CropSettings.max_pixels) -> np.ndarray:
     """RGB uint8 array (H, W, 3) from encoded bytes; raises ImageError."""
     if not data:
         raise ImageError("empty")

@@ -26,6 +26,7 @@ from agepipe.config import AgeGroups, CropSettings, from_dict, recorded_crop_set
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
+AGE_HEADS = ("distribution", "regression")
 
 
 @dataclass
@@ -116,8 +117,8 @@ class AgeModel(nn.Module):
             nn.Dropout(config.dropout),
         )
         age_outputs = config.max_age + 1 if config.age_head == "distribution" else 1
-        if config.age_head not in ("distribution", "regression"):
-            raise ValueError(f"unknown age head {config.age_head!r}: use distribution or regression")
+        if config.age_head not in AGE_HEADS:
+            raise ValueError(f"unknown age head {config.age_head!r}: use one of {AGE_HEADS}")
         self.age_head = nn.Linear(config.dense_units, age_outputs)
         self.group_head = nn.Linear(config.dense_units, len(config.groups.names))
         self.gender_head = nn.Linear(config.dense_units, 2)

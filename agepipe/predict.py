@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from agepipe import storage
-from agepipe.config import CropSettings, apply_overrides, shared_data_dir
+from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, shared_data_dir
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import crop_images
 from agepipe.labels import GENDERS
@@ -131,7 +131,7 @@ class Predictor:
         crop_overrides: dict[str, Any] | None = None,
         device: str | None = None,
         flip_tta: bool = False,
-        batch_size: int = 64,
+        batch_size: int = MODEL_BATCH_SIZE,
         detector: Detector | None = None,
         runtime: str | None = None,
     ) -> None:

@@ -277,7 +277,8 @@ class AgeService:
         finally:
             self.requests_at_model -= 1
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    # The batch size and wait given here are replaced per replica and per request from ServeSettings.
+    @serve.batch(max_batch_size=ServeSettings.batch_size, batch_wait_timeout_s=0.0)
     async def predict_faces(self, crops_per_request: list[list[np.ndarray]]) -> list[list[dict]]:
         """One forward pass for the faces of every request in the batch (size and wait set per request)."""
         crops = [crop for request_crops in crops_per_request for crop in request_crops]

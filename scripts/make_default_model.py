@@ -10,6 +10,7 @@ flip TTA on and off), evaluates it, and writes default_metrics.json and MODEL_CA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -300,12 +301,15 @@ TRIED_HEADING = "## What was tried"
 
 def train_flags(train_settings: dict) -> str:
     """The `agepipe train` flags for the shown settings where the run differs from today's defaults."""
-    defaults = TrainSettings()
-    return "".join(
-        " --train-batchnorm" if name == "freeze_batchnorm" else f" --{name.replace('_', '-')} {train_settings[name]}"
-        for name in SETTINGS_SHOWN
-        if train_settings[name] != getattr(defaults, name)
-    )
+    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
+    flags = []
+    for name in SETTINGS_SHOWN:
+        field = fields[name]
+        if train_settings[name] == field.default:
+            continue
+        flag = field.metadata["flag"] or "--" + name.replace("_", "-")
+        flags.append(f" {flag}" if isinstance(field.default, bool) else f" {flag} {train_settings[name]}")
+    return "".join(flags)
 
 
 def tried_section(card: Path) -> str:

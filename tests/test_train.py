@@ -17,7 +17,6 @@ import pytest
 import torch
 from helpers import TINY_RUN, registered_checkpoints, run_cli
 
-from agepipe.cli import build_parser, train_settings
 from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint, normalize_uint8
@@ -269,14 +268,3 @@ def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(tmp_path) 
     assert require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=2) is None
     with pytest.raises(ValueError, match="--num-workers 1"):
         require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=1)
-
-
-def test_pretrained_none_and_train_batchnorm_flags_parse() -> None:
-    def parsed(*flags: str) -> TrainSettings:
-        return train_settings(build_parser().parse_args(["train", "--data", "d", "--output", "o", *flags]))
-
-    assert parsed("--pretrained", "none").pretrained is None
-    assert parsed().pretrained == "default"
-    assert parsed("--pretrained", "hub").pretrained == "hub"
-    assert parsed().freeze_batchnorm is True
-    assert parsed("--train-batchnorm").freeze_batchnorm is False

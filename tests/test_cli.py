@@ -1,0 +1,109 @@
+"""The command line is generated from the settings dataclasses: one source for each flag, its help and
+its default, the same order of defaults, YAML and flags in every command (no cluster)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agepipe import config
+from agepipe.cli import COMMANDS, build_parser, settings_from_args
+
+SETTINGS = {
+    "crop": config.CropJobSettings,
+    "score": config.ScoreSettings,
+    "train": config.TrainSettings,
+    "evaluate": config.EvaluateSettings,
+    "tune": config.TuneSettings,
+    "serve": config.ServeSettings,
+}
+REQUIRED = {
+    "crop": ["--input", "i", "--output", "o"],
+    "score": ["--input", "i", "--output", "o"],
+    "train": ["--data", "d", "--output", "o"],
+    "evaluate": ["--predictions", "p", "--output", "o"],
+    "tune": ["--data", "d", "--output", "o"],
+    "serve": [],
+}
+
+
+def _flagged(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _parse(command: str, *flags: str, yaml_file: Path | None = None):
+    argv = [command, *REQUIRED[command], *flags, *(["--config", str(yaml_file)] if yaml_file else [])]
+    return settings_from_args(SETTINGS[command], build_parser().parse_args(argv))
+
+
+def test_every_command_with_settings_is_covered() -> None:
+    assert set(SETTINGS) | {"export", "demo"} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_help_lists_every_setting_flag_with_its_default_from_the_dataclass(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cls = SETTINGS[command]
+    fields = _flagged(cls)
+    assert fields
+    for field in fields:
+        flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        assert flag in text, flag
+        assert "(default" not in field.metadata["help"] and "default:" not in field.metadata["help"]
+        if field.type == "int" and not field.metadata["required"]:
+            assert f"(default: {field.default})" in text, field.name
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_no_flag_given_gives_the_dataclass_defaults(command: str) -> None:
+    parsed = _parse(command)
+    expected = SETTINGS[command]()
+    for field in _flagged(SETTINGS[command]):
+        if not field.metadata["required"]:
+            assert getattr(parsed, field.name) == getattr(expected, field.name), field.name
+
+
+def test_a_flag_may_set_none_and_negated_flags_set_false() -> None:
+    assert _parse("train", "--pretrained", "none").pretrained is None
+    assert _parse("train", "--pretrained", "hub").pretrained == "hub"
+    assert _parse("train").freeze_batchnorm is True
+    assert _parse("train", "--train-batchnorm").freeze_batchnorm is False
+    assert _parse("score", "--no-flip-tta").flip_tta is False and _parse("score", "--flip-tta").flip_tta is True
+
+
+def test_tune_config_reads_tune_settings(tmp_path: Path) -> None:
+    settings_file = tmp_path / "tune.yaml"
+    settings_file.write_text(yaml.safe_dump({"grace_period": 2, "reduction_factor": 4, "train": {"phase2_epochs": 3}}))
+    tune = _parse("tune", "--num-samples", "5", "--phase2-epochs", "6", yaml_file=settings_file)
+    assert (tune.grace_period, tune.reduction_factor, tune.num_samples) == (2, 4, 5)
+    assert tune.train.phase2_epochs == 6 and tune.train.data == "d"  # the flag wins over the file
+
+
+@pytest.mark.parametrize("command", ["score", "serve", "evaluate"])
+def test_crop_flags_merge_with_the_files_crop_overrides_in_every_command(command: str, tmp_path: Path) -> None:
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(yaml.safe_dump({"crop_overrides": {"margin": 0.1, "geometry": "box"}}))
+    parsed = _parse(command, "--geometry", "landmarks", "--min-score", "0.7", yaml_file=settings_file)
+    assert {k: parsed.crop_overrides[k] for k in ("margin", "geometry", "min_score")} == {
+        "margin": 0.1,
+        "geometry": "landmarks",
+        "min_score": 0.7,
+    }
+    assert "detector" not in parsed.crop_overrides  # unset flags leave the model's own setting
+
+
+def test_crop_job_flags_set_its_crop_and_label_settings() -> None:
+    crop = _parse("crop", "--detector", "yunet", "--encoding", "png", "--labels", "utkface", "--max-age", "90")
+    assert (crop.crop.detector, crop.crop.encoding, crop.labels.kind, crop.labels.max_age) == (
+        "yunet",
+        "png",
+        "utkface",
+        90.0,
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", *REQUIRED["score"], "--encoding", "png"])  # score writes no crops
