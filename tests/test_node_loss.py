@@ -24,8 +24,8 @@ from helpers import TINY_RUN, registered_checkpoints
 from agepipe.cluster import recorded_address_file
 
 pytestmark = pytest.mark.slow
-IMAGES = 240
-BATCH = 12  # 20 batches, so a kill lands among several in flight
+IMAGES = 120
+BATCH = 12  # 10 batches, so a kill lands among several in flight
 
 
 @pytest.fixture(scope="module")

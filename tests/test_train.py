@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import torch
 from helpers import TINY_RUN, registered_checkpoints, run_cli
@@ -150,23 +149,6 @@ def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_p
     assert checkpoints, "no Ray Train checkpoints under the output"
 
 
-def _train_workers(root_pid: int) -> list[psutil.Process]:
-    """RayTrainWorker processes started by one driver process (not by any other Ray on the machine)."""
-    try:
-        children = psutil.Process(root_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in children if "RayTrainWorker" in " ".join(_cmdline(p))]
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    """A process's command line; empty for one that has exited (a zombie has none to read)."""
-    try:
-        return process.cmdline() or []
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return []
-
-
 def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while len(registered_checkpoints(output / "ray_train")) < count:
@@ -175,22 +157,11 @@ def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, t
         time.sleep(0.5)
 
 
-def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, tmp_path) -> None:
+def test_interrupted_run_resumes_from_its_last_checkpoint(small_faces, tmp_path) -> None:
+    # A killed worker (a lost node) is tests/test_node_loss.py's; here the whole run is killed.
     output = tmp_path / "run"
-    command = (
-        "train",
-        "--data",
-        str(small_faces),
-        "--output",
-        str(output),
-        *TINY_RUN,
-        "--phase1-epochs",
-        "2",
-        "--phase2-epochs",
-        "4",
-        "--patience",
-        "10",
-    )
+    command = ("train", "--data", str(small_faces), "--output", str(output), *TINY_RUN,
+               "--phase1-epochs", "1", "--phase2-epochs", "2", "--patience", "10")  # fmt: skip
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
             [sys.executable, "-m", "agepipe.cli", *command],
@@ -200,24 +171,14 @@ def test_killed_worker_and_interrupted_run_resume_from_checkpoints(small_faces, 
         )
         try:
             _wait_for_checkpoints(output, 1, first)
-            workers = _train_workers(first.pid)
-            assert len(workers) == 2
-            workers[0].kill()  # a worker dies mid-training
-            # FailureConfig restarts the workers from the last checkpoint and training goes on.
-            seen = set(registered_checkpoints(output / "ray_train"))
-            deadline = time.time() + 600
-            while not (set(registered_checkpoints(output / "ray_train")) - seen):
-                assert first.poll() is None and time.time() < deadline, "no progress after the worker died"
-                time.sleep(0.5)
         finally:
-            os.killpg(first.pid, signal.SIGKILL)  # then the whole run is interrupted
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
             first.wait()
-    interrupted_at = len(pd.read_csv(output / "metrics.csv")) if (output / "metrics.csv").exists() else None
-    assert interrupted_at is None, "the first run should not have finished"
+    assert not (output / "metrics.csv").exists(), "the first run should not have finished"
     second = run_cli(*command)  # the same command again resumes from the storage path
     assert second.returncode == 0, second.stderr[-3000:]
     metrics = pd.read_csv(output / "metrics.csv")
-    assert list(metrics["epoch"]) == list(range(6)), "epochs were lost or repeated"
+    assert list(metrics["epoch"]) == [0, 1, 2], "epochs were lost or repeated"
     assert "'epoch': 0," not in second.stdout + second.stderr, "the resumed run started over"
 
 
