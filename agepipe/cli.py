@@ -100,68 +100,38 @@ def settings_from_args(cls: type[config.T], args: argparse.Namespace) -> config.
     return config.apply_overrides(config.load(cls, getattr(args, "config", None)), given, skip_none=False)
 
 
-def settings_command(name: str, cls: type) -> Callable:
-    """Register `run(settings)` as a command whose flags are `cls`'s settings fields."""
-
-    def register(run: Callable[[Any], int]) -> Callable:
-        COMMANDS[name] = (
-            lambda parser: add_setting_flags(parser, cls),
-            lambda args: run(settings_from_args(cls, args)),
-        )
-        return run
-
-    return register
-
-
-@settings_command("crop", config.CropJobSettings)
-def run_crop_command(settings: config.CropJobSettings) -> int:
-    from agepipe.crop import run_crop
-
-    print(run_crop(settings).render("crop"))
-    return 0
-
-
-@settings_command("score", config.ScoreSettings)
-def run_score_command(settings: config.ScoreSettings) -> int:
-    from agepipe.score import run_score
-
-    print(run_score(settings).render("score"))
-    return 0
-
-
-@settings_command("train", config.TrainSettings)
-def run_train_command(settings: config.TrainSettings) -> int:
-    from agepipe.train import run_training
-
-    print(f"train: {run_training(settings)}")
-    return 0
-
-
-@settings_command("evaluate", config.EvaluateSettings)
-def run_evaluate_command(settings: config.EvaluateSettings) -> int:
-    from agepipe.evaluate import run_evaluate
-
-    result = run_evaluate(settings)
+def evaluate_line(result: dict[str, Any]) -> str:
     metrics = result["metrics"]
     mae = f", MAE {metrics['age']['mae']:.2f} years" if metrics and metrics["age"]["mae"] is not None else ""
-    print(f"evaluate: {result['coverage']['faces']} faces{mae}; report at {result['report']}")
+    return f"evaluate: {result['coverage']['faces']} faces{mae}; report at {result['report']}"
+
+
+# A pipeline command: its settings (and so its flags), the library function that runs it ("module:name",
+# imported only when the command runs), and the line printed from what that function returns.
+SETTINGS_COMMANDS: dict[str, tuple[type, str, Callable[[Any], str] | None]] = {
+    "crop": (config.CropJobSettings, "agepipe.crop:run_crop", lambda summary: summary.render("crop")),
+    "score": (config.ScoreSettings, "agepipe.score:run_score", lambda summary: summary.render("score")),
+    "train": (config.TrainSettings, "agepipe.train:run_training", lambda result: f"train: {result}"),
+    "evaluate": (config.EvaluateSettings, "agepipe.evaluate:run_evaluate", evaluate_line),
+    "tune": (config.TuneSettings, "agepipe.tune:run_tune", lambda result: f"tune: {result}"),
+    "serve": (config.ServeSettings, "agepipe.serve:run_server", None),
+}
+
+
+def run_settings_command(name: str, args: argparse.Namespace) -> int:
+    cls, target, describe = SETTINGS_COMMANDS[name]
+    module, function = target.split(":")
+    result = getattr(importlib.import_module(module), function)(settings_from_args(cls, args))
+    if describe is not None:
+        print(describe(result))
     return 0
 
 
-@settings_command("tune", config.TuneSettings)
-def run_tune_command(settings: config.TuneSettings) -> int:
-    from agepipe.tune import run_tune
-
-    print(f"tune: {run_tune(settings)}")
-    return 0
-
-
-@settings_command("serve", config.ServeSettings)
-def run_serve_command(settings: config.ServeSettings) -> int:
-    from agepipe.serve import run_server
-
-    run_server(settings)
-    return 0
+for _name, (_cls, _, _) in SETTINGS_COMMANDS.items():
+    COMMANDS[_name] = (
+        lambda parser, cls=_cls: add_setting_flags(parser, cls),
+        lambda args, name=_name: run_settings_command(name, args),
+    )
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,19 +35,12 @@ from agepipe.batch import (
 from agepipe.cluster import init_ray
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings, to_dict
 from agepipe.detectors import Detector, create_detector
-from agepipe.faces import FACE_SCHEMA, crop_images
+from agepipe.faces import FACE_SCHEMA, arrow_fields, crop_images
 from agepipe.images import encode
 
 CROP_SCHEMA = pa.schema(
     list(FACE_SCHEMA)
-    + [
-        pa.field("image", pa.binary()),
-        pa.field("age", pa.float32()),
-        pa.field("gender", pa.string()),
-        pa.field("race", pa.string()),
-        pa.field("age_group", pa.string()),
-        pa.field("label_note", pa.string()),
-    ]
+    + arrow_fields("image:binary age:float32 gender:string race:string age_group:string label_note:string")
 )
 
 

@@ -117,8 +117,21 @@ class WholeImage:
         return [[Face((0.0, 0.0, float(im.shape[1]), float(im.shape[0])), 1.0)] for im in images]
 
 
+class PerImageDetector:
+    """A CPU detector that takes one image at a time (OpenCV and dlib run no batches)."""
+
+    uses_gpu = False
+    whole_image = False
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [self._detect_one(image) for image in images]
+
+    def _detect_one(self, image: np.ndarray) -> list[Face]:
+        raise NotImplementedError
+
+
 @register_detector("yunet")
-class YuNet:
+class YuNet(PerImageDetector):
     """OpenCV FaceDetectorYN with YuNet weights (a path or URI to the .onnx file).
 
     Images are downscaled to at most `max_side` for detection and padded by a
@@ -126,8 +139,6 @@ class YuNet:
     """
 
     name = "yunet"
-    uses_gpu = False
-    whole_image = False
     max_side = 640
     pad_fraction = 0.25
 
@@ -138,9 +149,6 @@ class YuNet:
                 "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx (OpenCV model zoo)"
             )
         self._model = cv2.FaceDetectorYN.create(storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000)
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self._detect_one(image) for image in images]
 
     def _detect_one(self, image: np.ndarray) -> list[Face]:
         height, width = image.shape[:2]
@@ -161,12 +169,10 @@ class YuNet:
 
 
 @register_detector("dlib")
-class DlibHog:
+class DlibHog(PerImageDetector):
     """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
 
     name = "dlib"
-    uses_gpu = False
-    whole_image = False
     max_side = 800
     # HOG scores are SVM margins around 0, not probabilities: shifted so that a face's score, like every
     # detector's, is kept when it is at least `min_score`.
@@ -178,9 +184,6 @@ class DlibHog:
         del weights, device
         self._model = dlib.get_frontal_face_detector()
         self._threshold = min_score - self.score_offset
-
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self._detect_one(image) for image in images]
 
     def _detect_one(self, image: np.ndarray) -> list[Face]:
         height, width = image.shape[:2]

@@ -164,24 +164,27 @@ def select_faces(faces: list[Face], settings: CropSettings) -> list[Face]:
     return ordered if settings.all_faces else ordered[:1]
 
 
+def arrow_fields(columns: str) -> list[pa.Field]:
+    """Arrow fields from "name:type" words: pyarrow's type aliases (string, int32, float32, binary) or
+    list<alias>."""
+    fields = []
+    for column in columns.split():
+        name, kind = column.split(":")
+        if kind.startswith("list<") and kind.endswith(">"):
+            fields.append(pa.field(name, pa.list_(pa.type_for_alias(kind[5:-1]))))
+        else:
+            fields.append(pa.field(name, pa.type_for_alias(kind)))
+    return fields
+
+
 # The per-face columns every job's output starts with (crop, score and serve rows, the evaluation's
-# input): one row per face found, or one row with an `error` for an image without one.
+# input): one row per face found, or one row with an `error` for an image without one. The box is in
+# source pixels; crop_box is the crop's bounding box there.
 FACE_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string()),
-        pa.field("face_index", pa.int32()),
-        pa.field("x1", pa.float32()),
-        pa.field("y1", pa.float32()),
-        pa.field("x2", pa.float32()),
-        pa.field("y2", pa.float32()),
-        pa.field("crop_box", pa.list_(pa.int32())),
-        pa.field("score", pa.float32()),
-        pa.field("num_faces", pa.int32()),
-        pa.field("detector", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("error", pa.string()),
-    ]
+    arrow_fields(
+        "path:string face_index:int32 x1:float32 y1:float32 x2:float32 y2:float32 crop_box:list<int32> "
+        "score:float32 num_faces:int32 detector:string width:int32 height:int32 error:string"
+    )
 )
 
 _UNSET_FACE_COLUMNS = {f.name: None for f in FACE_SCHEMA if f.name != "path"}

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from agepipe import storage
 from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, shared_data_dir
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
-from agepipe.faces import crop_images
+from agepipe.faces import arrow_fields, crop_images
 from agepipe.labels import GENDERS
 from agepipe.model import AgeModel, ModelConfig, age_estimate, load_checkpoint, model_input
 
@@ -236,14 +235,9 @@ class Predictor:
 
 
 # A prediction's columns in a scoring job's output (`prediction_columns`).
-PREDICTION_FIELDS = [
-    pa.field("age", pa.float32()),
-    pa.field("age_std", pa.float32()),
-    pa.field("age_group", pa.string()),
-    pa.field("age_group_prob", pa.float32()),
-    pa.field("gender", pa.string()),
-    pa.field("gender_prob", pa.float32()),
-]
+PREDICTION_FIELDS = arrow_fields(
+    "age:float32 age_std:float32 age_group:string age_group_prob:float32 gender:string gender_prob:float32"
+)
 
 
 def prediction_columns(prediction: dict[str, Any]) -> dict[str, Any]:

@@ -159,12 +159,12 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 class EpochTotals:
     """An epoch's sums over its batches, then over all workers, and the metrics they give."""
 
-    loss: float = 0.0
+    rows: float = 0.0
+    loss: float = 0.0  # each batch's mean loss times its rows
     abs_error: float = 0.0
     group_correct: float = 0.0
+    gender_known: float = 0.0  # rows with a gender label
     gender_correct: float = 0.0
-    gender_known: float = 0.0
-    rows: float = 0.0
 
     def add(self, loss: torch.Tensor, predicted: torch.Tensor, outputs: dict, batch: dict) -> None:
         n = len(batch["age"])
