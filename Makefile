@@ -22,8 +22,9 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed: browser tests will be skipped"
 
+# The default model's YuNet weights: the shared folder's copy where there is one, else a download.
 demo: $(BIN)/agepipe
-	$(BIN)/agepipe demo --output out/demo
+	AGEPIPE_WEIGHTS_PATH="$${AGEPIPE_WEIGHTS_PATH:-$${AGEPIPE_SHARED:-../shared}/models}" $(BIN)/agepipe demo --output out/demo
 
 lint: $(BIN)/agepipe
 	$(BIN)/ruff check .

@@ -54,6 +54,13 @@ def nested(factory: Callable[[], Any], flags: str = "fields") -> Any:
     return field(default_factory=factory, metadata={"flags": flags})
 
 
+def weight_dirs() -> list[Path]:
+    """Folders searched for a checkpoint's detector weights before they are downloaded: those in
+    AGEPIPE_WEIGHTS_PATH (separated as PATH is; for machines without internet), then agepipe's cache."""
+    listed = [Path(p) for p in os.environ.get("AGEPIPE_WEIGHTS_PATH", "").split(os.pathsep) if p]
+    return [*listed, Path.home() / ".cache" / "agepipe"]
+
+
 def shared_data_dir() -> Path:
     """The shared test/benchmark data folder; AGEPIPE_SHARED overrides `../shared`."""
     return Path(os.environ.get("AGEPIPE_SHARED", PROJECT_ROOT.parent / "shared"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agepipe import storage
-from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, shared_data_dir
+from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weight_dirs
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
 from agepipe.labels import GENDERS
@@ -32,15 +32,15 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
 
 
 def resolve_detector_weights(crop: CropSettings) -> CropSettings:
-    """Make recorded detector weights usable here: the recorded path when it exists, else the
-    shared copy (tests and benchmarks), else the detector's public download URL."""
+    """Make recorded detector weights usable here: the recorded path when it exists, else a file of
+    that name in `config.weight_dirs()`, else the detector's public download URL."""
     weights = crop.detector_weights
     if not weights or crop.detector not in DETECTOR_WEIGHT_URLS:
         return crop
     if storage.is_remote(weights) or Path(weights).is_file():
         return crop
     name = Path(weights).name
-    for candidate in (shared_data_dir() / "models" / name, Path.home() / ".cache" / "agepipe" / name):
+    for candidate in (folder / name for folder in weight_dirs()):
         if candidate.is_file():
             crop.detector_weights = str(candidate)
             return crop

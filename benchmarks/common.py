@@ -19,6 +19,8 @@ from agepipe.config import shared_data_dir
 RESULTS = Path(__file__).resolve().parent / "results"
 UTKFACE = shared_data_dir() / "data" / "utkface"
 YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
+# The default model records its YuNet weights by file name: found here without a download.
+os.environ.setdefault("AGEPIPE_WEIGHTS_PATH", str(shared_data_dir() / "models"))
 
 
 def utkface_files(limit: int | None = None) -> list[Path]:

@@ -16,6 +16,10 @@ from helpers import run_cli
 from agepipe.config import shared_data_dir
 from agepipe.predict import DEFAULT_MODEL
 
+# The default model records its YuNet weights by file name; here they come from the shared folder, in
+# every process the tests start (Ray workers, notebook kernels, CLI runs inherit the variable).
+os.environ.setdefault("AGEPIPE_WEIGHTS_PATH", str(shared_data_dir() / "models"))
+
 
 @pytest.fixture(scope="session")
 def utkface_dir() -> Path:

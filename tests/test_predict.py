@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -85,3 +86,19 @@ print(json.dumps({{"ages": [r["age"] for r in rows], "model": predictor.model is
     assert shipped_result["heavy"] == [] and shipped_result["model"] is True
     expected = [row["age"] for row in predictors["onnx"].predict_crops(crops)]
     assert shipped_result["ages"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_recorded_detector_weights_are_found_in_the_weights_path_before_a_download(tmp_path, monkeypatch) -> None:
+    from agepipe.config import CropSettings
+    from agepipe.detectors import DETECTOR_WEIGHT_URLS
+    from agepipe.predict import resolve_detector_weights
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty agepipe cache
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "face_detection_yunet.onnx").write_bytes(b"weights")
+    monkeypatch.setenv("AGEPIPE_WEIGHTS_PATH", os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    recorded = CropSettings(detector="yunet", detector_weights="/elsewhere/face_detection_yunet.onnx")
+    assert resolve_detector_weights(recorded).detector_weights == str(tmp_path / "b" / "face_detection_yunet.onnx")
+    monkeypatch.setenv("AGEPIPE_WEIGHTS_PATH", str(tmp_path / "a"))
+    missing = CropSettings(detector="yunet", detector_weights="/elsewhere/face_detection_yunet.onnx")
+    assert resolve_detector_weights(missing).detector_weights == DETECTOR_WEIGHT_URLS["yunet"]
