@@ -74,8 +74,8 @@ def decode(data: bytes, max_pixels: int = CropSettings.max_pixels) -> np.ndarray
 def _decode_complete_color_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
     """A complete colour JPEG decoded by OpenCV, else None (PIL decodes it).
 
-    The same pixels as PIL's decode with EXIF orientation applied (tested) in about half the time
-    (0.45 -> 0.25 ms for a 200x200 face). Only files that end in the JPEG end marker:
+    The same pixels as PIL's decode with EXIF orientation applied (tested), faster (benchmarks/stages.py
+    times decoding). Only files that end in the JPEG end marker:
     libjpeg fills a truncated file with grey and warns, where PIL raises (the `truncated` reason).
     """
     if header.format != "JPEG" or header.mode != "RGB" or not data.endswith(b"\xff\xd9"):
