@@ -282,14 +282,14 @@ class TrainSettings:
 @dataclass
 class EvaluateSettings:
     """The evaluation report: a predictions dataset (and its labels) in; plots, metrics.json and
-    report.html out. `model` and `crop_overrides` should match the scoring run: Grad-CAM re-crops
-    sampled faces from their source images with them."""
+    report.html out. Grad-CAM re-crops sampled faces from their source images with the model and crop
+    settings that `score` recorded beside its predictions; `model` and `crop_overrides` override them."""
 
     predictions: str = setting("", help="the scoring job's Parquet dataset (or s3://)", required=True)
     output: str = setting("", help="folder or s3:// prefix for report, plots, metrics", required=True)
     labels: LabelSettings = nested(LabelSettings)
     run: str | None = setting(None, help="training run folder: adds its training curves (metrics.csv)")
-    model: str | None = setting(None, help="checkpoint that scored the predictions, for Grad-CAM")
+    model: str | None = setting(None, help="checkpoint for Grad-CAM; unset: the one score recorded")
     crop_overrides: dict[str, Any] = nested(dict, flags="crop")
     gradcam_faces: int = setting(8, help="faces in the Grad-CAM grid (0: none)")
     max_scatter_points: int = setting(20_000, help="points in the scatter plot at most")

@@ -9,6 +9,7 @@ GPU share) and the model runs on actors holding a fraction of a GPU. Every input
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from agepipe import labels as labels_lib
+from agepipe import storage
 from agepipe.batch import (
     JobSummary,
     detection_pool,
@@ -27,7 +29,7 @@ from agepipe.batch import (
     worker_count,
 )
 from agepipe.cluster import init_ray
-from agepipe.config import LabelSettings, ScoreSettings
+from agepipe.config import LabelSettings, ScoreSettings, to_dict
 from agepipe.faces import FACE_SCHEMA
 from agepipe.predict import PREDICTION_FIELDS, Predictor, prediction_columns
 
@@ -148,11 +150,26 @@ def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predi
     )
 
 
+SCORE_SETTINGS_FILE = "_agepipe_score.json"
+
+
+def record_score_settings(settings: ScoreSettings, predictor: Predictor) -> None:
+    """Write the run's settings beside its predictions, where `evaluate` finds its model, crop and
+    input root: the model and crop settings as the Predictor uses them (after the job's overrides)."""
+    record = {
+        "model": storage.absolute(predictor.model_uri),  # evaluate may run in another directory
+        "crop": to_dict(predictor.crop),
+        "input": settings.input,
+        "labels": to_dict(settings.labels),
+        "flip_tta": settings.flip_tta,
+        "runtime": settings.runtime,  # None: each actor's device default
+    }
+    storage.write_bytes(storage.join(settings.output, SCORE_SETTINGS_FILE), json.dumps(record, indent=2).encode())
+
+
 def run_score(settings: ScoreSettings) -> JobSummary:
     """Score every image under `settings.input` into the Parquet dataset at `settings.output`."""
     import ray
-
-    from agepipe import storage
 
     if not settings.input or not settings.output:
         raise ValueError("score needs --input and --output")
@@ -162,6 +179,7 @@ def run_score(settings: ScoreSettings) -> JobSummary:
     if settings.labels.kind != "none":
         labels_lib.label_source(settings.labels, settings.input)
     todo, summary = plan_inputs(settings.input, settings.output)
+    record_score_settings(settings, predictor)
     started = time.perf_counter()
     if todo:
         init_ray(log_to_driver=False)

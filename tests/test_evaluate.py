@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from agepipe import evaluate
+from agepipe import evaluate, metrics, plots
 from agepipe.cli import main as agepipe_main
-from agepipe.config import EvaluateSettings, LabelSettings
+from agepipe.config import EvaluateSettings, LabelSettings, ScoreSettings, to_dict
 from agepipe.labels import parse_utkface
+from agepipe.score import record_score_settings
 
 FACES = 200
 GRADCAM_FACES = 4
@@ -61,7 +62,7 @@ def is_png(data: bytes) -> bool:
 
 
 def test_age_errors_by_hand() -> None:
-    errors = evaluate.age_errors(labeled_faces())
+    errors = metrics.age_errors(labeled_faces())
     assert errors["faces"] == 4
     assert errors["mae"] == pytest.approx(4.25)
     assert errors["bias"] == pytest.approx(0.75)
@@ -71,15 +72,15 @@ def test_age_errors_by_hand() -> None:
 
 
 def test_mae_by_group_is_ordered_youngest_first_with_counts() -> None:
-    by_group = evaluate.mae_by(labeled_faces(), "label_age_group")
+    by_group = metrics.mae_by(labeled_faces(), "label_age_group")
     assert list(by_group["group"]) == ["Child", "Youth", "Adult"]
     assert list(by_group["faces"]) == [1, 1, 2]
     assert list(by_group["mae"]) == pytest.approx([2.0, 0.0, 7.5])
     assert list(by_group["bias"]) == pytest.approx([-2.0, 0.0, 2.5])
-    by_gender = evaluate.mae_by(labeled_faces(), "label_gender")
+    by_gender = metrics.mae_by(labeled_faces(), "label_gender")
     assert list(by_gender["group"]) == ["female", "male"]
     assert list(by_gender["mae"]) == pytest.approx([10.0, 7 / 3])
-    by_race = evaluate.mae_by(labeled_faces(), "label_race")
+    by_race = metrics.mae_by(labeled_faces(), "label_race")
     assert dict(zip(by_race["group"], by_race["mae"], strict=True)) == {
         "Asian": 10.0,
         "Black": 0.0,
@@ -88,11 +89,11 @@ def test_mae_by_group_is_ordered_youngest_first_with_counts() -> None:
 
 
 def test_mae_by_a_missing_column_is_empty() -> None:
-    assert evaluate.mae_by(labeled_faces().drop(columns="label_race"), "label_race").empty
+    assert metrics.mae_by(labeled_faces().drop(columns="label_race"), "label_race").empty
 
 
 def test_age_group_confusion_counts_actual_rows_against_predicted_columns() -> None:
-    confusion = evaluate.age_group_confusion(labeled_faces())
+    confusion = metrics.age_group_confusion(labeled_faces())
     names = ["Child", "Youth", "Adult", "Middle Age"]
     assert list(confusion.index) == names and list(confusion.columns) == names
     expected = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
@@ -100,7 +101,7 @@ def test_age_group_confusion_counts_actual_rows_against_predicted_columns() -> N
 
 
 def test_gender_report_by_hand() -> None:
-    report = evaluate.gender_report(labeled_faces())
+    report = metrics.gender_report(labeled_faces())
     assert report["male"]["precision"] == pytest.approx(1.0)
     assert report["male"]["recall"] == pytest.approx(2 / 3)
     assert report["female"]["precision"] == pytest.approx(0.5)
@@ -110,14 +111,14 @@ def test_gender_report_by_hand() -> None:
 
 
 def test_metrics_summary_is_json_ready_and_skips_what_is_not_labeled() -> None:
-    summary = evaluate.metrics_summary(labeled_faces())
+    summary = metrics.metrics_summary(labeled_faces())
     assert json.loads(json.dumps(summary)) == summary
     assert summary["faces"] == 4 and summary["age"]["mae"] == pytest.approx(4.25)
     assert summary["age_group"]["accuracy"] == pytest.approx(0.75)
     assert summary["by_race"][0] == {"group": "Asian", "faces": 1, "mae": 10.0, "bias": 10.0}
     frame = labeled_faces().drop(columns="label_race")
     frame.loc[3, "label_age"] = np.nan
-    partial = evaluate.metrics_summary(frame)
+    partial = metrics.metrics_summary(frame)
     assert partial["by_race"] == []
     assert partial["age"]["faces"] == 3 and partial["age"]["mae"] == pytest.approx(7 / 3)
     assert partial["age_group"]["faces"] == 4
@@ -131,7 +132,7 @@ def test_coverage_counts_images_faces_and_errors() -> None:
             "error": [None, None, "no_face", "corrupt", None],
         }
     )
-    assert evaluate.coverage(predictions) == {
+    assert metrics.coverage(predictions) == {
         "images": 4,
         "images_with_faces": 2,
         "faces": 3,
@@ -139,7 +140,7 @@ def test_coverage_counts_images_faces_and_errors() -> None:
         "errors": 1,
         "error_reasons": {"corrupt": 1},
     }
-    assert list(evaluate.scored_faces(predictions)["path"]) == ["a.jpg", "a.jpg", "d.jpg"]
+    assert list(metrics.scored_faces(predictions)["path"]) == ["a.jpg", "a.jpg", "d.jpg"]
 
 
 def test_labels_from_paths_are_capped_and_grouped() -> None:
@@ -179,30 +180,30 @@ def test_read_predictions_unifies_files_and_skips_bookkeeping(tmp_path) -> None:
 
 def test_sample_faces_spreads_over_the_age_range() -> None:
     faces = pd.DataFrame({"age": np.arange(100.0)[::-1], "label_age": np.arange(100.0)})
-    sample = evaluate.sample_faces(faces, 4, seed=1)
+    sample = metrics.sample_faces(faces, 4, seed=1)
     assert [int(age // 25) for age in sample["label_age"]] == [0, 1, 2, 3]
-    assert sample.equals(evaluate.sample_faces(faces, 4, seed=1))
-    assert len(evaluate.sample_faces(faces.head(2), 4, seed=1)) == 2
+    assert sample.equals(metrics.sample_faces(faces, 4, seed=1))
+    assert len(metrics.sample_faces(faces.head(2), 4, seed=1)) == 2
 
 
 def test_training_summary_finds_the_best_epoch() -> None:
     run = pd.DataFrame({"epoch": [0, 1, 2], "phase": [1, 2, 2], "val_mae": [9.0, 6.5, 7.0]})
-    assert evaluate.training_summary(run) == {"epochs": 3, "best_epoch": 1, "best_val_mae": 6.5}
+    assert metrics.training_summary(run) == {"epochs": 3, "best_epoch": 1, "best_val_mae": 6.5}
 
 
 def test_plots_are_pngs() -> None:
     faces = labeled_faces()
-    tables = {name: evaluate.mae_by(faces, column) for name, column in evaluate.GROUPINGS.items()}
+    tables = {name: metrics.mae_by(faces, column) for name, column in metrics.GROUPINGS.items()}
     run = pd.DataFrame({"epoch": [0, 1], "phase": [1, 2], "train_loss": [2.0, 1.0], "val_mae": [9.0, 6.5]})
-    tile = evaluate.GradcamTile(np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8), "x")
+    tile = plots.GradcamTile(np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8), "x")
     for png in (
-        evaluate.plot_predicted_vs_actual(faces),
-        evaluate.plot_error_histogram(faces),
-        evaluate.plot_age_distribution(faces),
-        evaluate.plot_confusion_matrix(evaluate.age_group_confusion(faces)),
-        evaluate.plot_mae_by_group(tables),
-        evaluate.plot_training_curves(run),
-        evaluate.plot_gradcam_grid([tile] * 5),
+        plots.plot_predicted_vs_actual(faces),
+        plots.plot_error_histogram(faces),
+        plots.plot_age_distribution(faces),
+        plots.plot_confusion_matrix(metrics.age_group_confusion(faces)),
+        plots.plot_mae_by_group(tables),
+        plots.plot_training_curves(run),
+        plots.plot_gradcam_grid([tile] * 5),
     ):
         assert is_png(png)
 
@@ -254,7 +255,14 @@ def scored(utkface_dir, model_path, tmp_path_factory) -> dict:
         }
     ).to_csv(run / "metrics.csv", index=False)
     broken_error = next(row["error"] for row in rows if row["path"] == str(broken))
-    return {"root": root, "rows": rows, "run": str(run), "broken_error": broken_error, "model": model_path}
+    return {
+        "root": root,
+        "rows": rows,
+        "run": str(run),
+        "broken_error": broken_error,
+        "model": model_path,
+        "predictor": predictor,
+    }
 
 
 def expected_mae(rows: list[dict]) -> float:
@@ -366,6 +374,41 @@ def test_s3_predictions_in_and_report_out(scored, evaluated, s3_server) -> None:
     assert keys == {"report/report.html", "report/metrics.json", *(f"report/{p}" for p in result["plots"])}
     written = json.loads(client.get_object(Bucket="scores", Key="report/metrics.json")["Body"].read())
     assert written["metrics"]["age"]["mae"] == pytest.approx(evaluated["metrics"]["age"]["mae"], rel=1e-5)
+
+
+def test_the_score_runs_recorded_settings_are_read_back_or_nothing_is_known(scored, tmp_path) -> None:
+    settings = ScoreSettings(input=str(tmp_path / "images"), output=str(tmp_path / "scores"))
+    record_score_settings(settings, scored["predictor"])
+    recorded = evaluate.read_score_run(settings.output)
+    assert recorded.model == str(Path(scored["model"]).resolve())
+    assert recorded.crop == to_dict(scored["predictor"].crop) and recorded.crop["detector"] == "none"
+    assert recorded.input == settings.input
+    single = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"path": ["a"]}), single)
+    for unrecorded in (tmp_path / "elsewhere", single):
+        assert evaluate.read_score_run(str(unrecorded)) == evaluate.ScoreRun(model=None, crop={}, input=None)
+
+
+def test_label_tables_are_anchored_at_the_score_runs_input(scored, tmp_path) -> None:
+    # Every image is in one subfolder of the input, so the images' deepest common folder is that
+    # subfolder, and a table of paths relative to the input matches only where score anchored it.
+    images = tmp_path / "images"
+    faces = [row for row in scored["rows"] if row["error"] is None][:10]
+    rows = [row | {"path": str(images / "sub" / Path(row["path"]).name)} for row in faces]
+    table = tmp_path / "labels.csv"
+    pd.DataFrame({"path": [f"sub/{Path(row['path']).name}" for row in rows], "age": 30}).to_csv(table, index=False)
+    labels = LabelSettings(kind=str(table))
+    predictions = write_predictions(rows, tmp_path / "predictions")
+    record_score_settings(ScoreSettings(input=str(images), output=predictions, labels=labels), scored["predictor"])
+    settings = EvaluateSettings(
+        predictions=predictions, output=str(tmp_path / "report"), labels=labels, gradcam_faces=0
+    )
+    result = evaluate.run_evaluate(settings)
+    assert result["metrics"]["age"]["faces"] == len(rows)
+    assert result["model"] == str(Path(scored["model"]).resolve())
+    (tmp_path / "predictions" / "_agepipe_score.json").unlink()
+    unanchored = evaluate.run_evaluate(settings)
+    assert unanchored["metrics"] is None and unanchored["model"] == "default"
 
 
 # --- the report in a browser ---

@@ -112,6 +112,10 @@ def test_bad_input_folder_runs_to_exit_zero_with_a_row_per_image(model_path, tmp
         assert errors.pop(name) == reason, name
     assert all(error is None for error in errors.values()), errors
     assert frame.loc[frame["error"].isna(), "age"].notna().all()
+    recorded = json.loads((tmp_path / "out" / "_agepipe_score.json").read_text())
+    assert recorded["model"] == str(Path(model_path).resolve()) and recorded["input"] == str(folder)
+    assert recorded["crop"]["detector"] == "dlib" and recorded["crop"]["all_faces"] is True
+    assert recorded["labels"]["kind"] == "none" and recorded["flip_tta"] is False and recorded["runtime"] is None
 
 
 def test_s3_input_and_output(s3_server, utkface_dir, model_path) -> None:
