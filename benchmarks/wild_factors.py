@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -24,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from common import UTKFACE, write_results  # noqa: E402
 from wild import face_free_photos, held_out_faces, paste_face  # noqa: E402
 
+from agepipe.augment import fill_mask  # noqa: E402
 from agepipe.faces import FILL_COLOUR  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 
@@ -59,6 +61,21 @@ def factors(backgrounds: list[np.ndarray], rng: np.random.Generator) -> dict[str
     }
 
 
+RESTORED_FILL = "on a photo background, the aligned crop's fill put back"
+
+
+def restored_fill_error(predictor: Predictor, crops: dict[str, np.ndarray], age: float) -> float:
+    """The background photo's crop with the pixels where the aligned crop shows the fill colour (past
+    the face image's border) set to that colour again: how much of the background's effect comes
+    through the part of the crop that lies outside the face image."""
+    aligned, photo = crops.get("aligned (the face image alone)"), crops.get("on a photo background, 200 px")
+    if aligned is None or photo is None:
+        return np.nan
+    restored = photo.copy()
+    restored[fill_mask(torch.from_numpy(aligned).permute(2, 0, 1))] = FILL_COLOUR
+    return predictor.predict_crops([restored])[0]["age"] - age
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=int, default=300)
@@ -70,9 +87,10 @@ def main() -> None:
     predictor = Predictor(args.model, {"all_faces": True})
     rng = np.random.default_rng(0)
     variants = factors(list(face_free_photos().values()), rng)
-    errors: dict[str, list[float]] = {name: [] for name in variants}
+    errors: dict[str, list[float]] = {name: [] for name in [*variants, RESTORED_FILL]}
     for face in faces.itertuples():
         image = np.asarray(Image.open(face.source).convert("RGB"))
+        crops = {}
         for name, make in variants.items():
             rows = [r for r in predictor.crop_images([make(image)])[0] if r["crop"] is not None]
             if not rows:
@@ -84,7 +102,9 @@ def main() -> None:
                 nearest = min(
                     rows, key=lambda r: np.hypot((r["x1"] + r["x2"]) / 2 - 320, (r["y1"] + r["y2"]) / 2 - 240)
                 )
+            crops[name] = nearest["crop"]
             errors[name].append(predictor.predict_crops([nearest["crop"]])[0]["age"] - face.age)
+        errors[RESTORED_FILL].append(restored_fill_error(predictor, crops, face.age))
     rows = []
     aligned = np.nanmean(np.abs(errors[next(iter(errors))]))
     for name, values in errors.items():
