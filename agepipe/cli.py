@@ -162,20 +162,24 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command; with `only`, the flags of that one command alone: a command's choices come from
+    registries whose modules import PyTorch, which `agepipe crop` and `agepipe --help` need not wait for."""
     parser = argparse.ArgumentParser(prog="agepipe", description="Facial age estimation at scale on Ray.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _) in COMMANDS.items():
         # Flags not given stay out of the namespace, so that a given flag may set None (`--pretrained none`).
         sub = subparsers.add_parser(name, argument_default=argparse.SUPPRESS)
-        sub.add_argument("--config", help="YAML file of settings (the flags given override it)")
-        add_arguments(sub)
+        if only in (None, name):
+            sub.add_argument("--config", help="YAML file of settings (the flags given override it)")
+            add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
     try:
