@@ -179,7 +179,7 @@ def main() -> None:
         best_epoch=checkpoint["epoch"],
         val_mae=checkpoint["val_mae"],
         history=markdown_table(history[HISTORY_COLUMNS].to_dict("records"), float_format=".4g"),
-        size_mb=os.path.getsize(DEFAULT_MODEL) / 2**20,
+        size_mb=os.path.getsize(model) / 2**20,
         splits=split["split"].value_counts().to_dict(),
     )
     (out / "MODEL_CARD.md").write_text(card)
