@@ -80,8 +80,12 @@ def add_setting_flags(
         if field.metadata["required"]:
             options["required"] = True
         if kind is bool and field.metadata["negate"]:
-            options.update(action="store_const", const=False)
-        elif kind is bool:
+            # The flag sets the field False; the field's own name, the opposite.
+            parser.add_argument(name, action="store_const", const=False, **options)
+            plain = {"dest": options["dest"], "help": "the opposite of " + name}
+            parser.add_argument("--" + field.name.replace("_", "-"), action="store_const", const=True, **plain)
+            continue
+        if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
             none_word = field.metadata["none_word"]

@@ -230,11 +230,13 @@ class ScoreSettings:
 
 @dataclass
 class TrainSettings:
-    """Two-phase training on Ray Train: phase 1 trains the heads, phase 2 the top of the backbone."""
+    """Two-phase training on Ray Train: phase 1 trains the heads, phase 2 the top of the backbone. The
+    defaults are the recipe of the shipped model (its card): no phase 1, every stage and its BatchNorm
+    trained from the first step after a short warm-up."""
 
     data: str = setting("", help="the crop job's Parquet dataset (path or s3://)", required=True)
     output: str = setting("", help="run folder (path or s3://): checkpoints, metrics", required=True)
-    backbone: str = setting("efficientnet_lite0", help="timm model name")
+    backbone: str = setting("mobilenetv2_100", help="timm model name")
     pretrained: str | None = setting(
         "default", help="backbone weights: default, hub, none, or a path/URI", none_word="none"
     )
@@ -242,22 +244,22 @@ class TrainSettings:
     dense_units: int = setting(512, help="units of the shared dense layer")
     dropout: float = setting(0.3, help="dropout before the heads")
     image_size: int = setting(128, help="network input side in pixels")
-    augmentation: str = setting("basic", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
+    augmentation: str = setting("wild", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
     batch_size: int = setting(64, help="faces per step on each worker")
-    phase1_epochs: int = setting(1, help="epochs training the heads on the frozen backbone")
-    phase2_epochs: int = setting(14, help="epochs training the unfrozen stages too")
+    phase1_epochs: int = setting(0, help="epochs training the heads on the frozen backbone")
+    phase2_epochs: int = setting(10, help="epochs training the unfrozen stages too")
     phase1_lr: float = setting(3e-3, help="phase 1 learning rate")
-    phase2_lr: float = setting(5e-4, help="phase 2 learning rate")
+    phase2_lr: float = setting(1e-3, help="phase 2 learning rate")
     weight_decay: float = setting(1e-4, help="AdamW weight decay")
-    unfreeze_stages: int = setting(9, help="backbone stages trained in phase 2, from the top (more than it has: all)")
+    unfreeze_stages: int = setting(99, help="backbone stages trained in phase 2, from the top (more than it has: all)")
     freeze_batchnorm: bool = setting(
-        True, help="phase 2 also trains the unfrozen stages' BatchNorm", flag="--train-batchnorm", negate=True
+        False, help="phase 2 also trains the unfrozen stages' BatchNorm", flag="--train-batchnorm", negate=True
     )
     patience: int = setting(3, help="early-stopping patience in epochs")
     lr_schedule: str = setting(
         "cosine", help="per-phase learning-rate schedule", choices="agepipe.train_loop:LR_SCHEDULES"
     )
-    warmup_epochs: float = setting(0.5, help="linear learning-rate ramp at the start of phase 2, in epochs")
+    warmup_epochs: float = setting(0.3, help="linear learning-rate ramp at the start of phase 2, in epochs")
     lr_factor: float = setting(0.3, help="plateau schedule: rate factor on a plateau")
     lr_patience: int = setting(1, help="plateau schedule: epochs without improvement before it cuts")
     age_loss_weight: float = setting(1.0, help="weight of the age loss")

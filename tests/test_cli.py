@@ -71,8 +71,9 @@ def test_no_flag_given_gives_the_dataclass_defaults(command: str) -> None:
 def test_a_flag_may_set_none_and_negated_flags_set_false() -> None:
     assert _parse("train", "--pretrained", "none").pretrained is None
     assert _parse("train", "--pretrained", "hub").pretrained == "hub"
-    assert _parse("train").freeze_batchnorm is True
+    assert _parse("train").freeze_batchnorm is config.TrainSettings().freeze_batchnorm
     assert _parse("train", "--train-batchnorm").freeze_batchnorm is False
+    assert _parse("train", "--freeze-batchnorm").freeze_batchnorm is True
     assert _parse("score", "--no-flip-tta").flip_tta is False and _parse("score", "--flip-tta").flip_tta is True
 
 
