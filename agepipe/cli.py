@@ -57,6 +57,20 @@ def _help(field: dataclasses.Field, kind: type, overridden: dict | None) -> str:
     return f"{text} (default: {default})"
 
 
+def _own_flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def flag_for(field: dataclasses.Field, value: Any) -> str:
+    """The command-line text that sets `field` to `value` (what `add_setting_flags` parses)."""
+    name = field.metadata["flag"] or _own_flag(field)
+    if not isinstance(value, bool):
+        return f"{name} {value}"
+    if field.metadata["negate"]:
+        return name if value is False else _own_flag(field)
+    return name if value else "--no-" + name[2:]
+
+
 def add_setting_flags(
     parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, overridden: dict | None = None
 ) -> None:
@@ -75,7 +89,7 @@ def add_setting_flags(
         if "help" not in field.metadata or (field.metadata["crop_job_only"] and overridden is not None):
             continue
         kind = _flag_type(hints[field.name])
-        name = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        name = field.metadata["flag"] or _own_flag(field)
         options: dict[str, Any] = {"dest": prefix + field.name, "help": _help(field, kind, overridden)}
         if field.metadata["required"]:
             options["required"] = True
@@ -83,7 +97,7 @@ def add_setting_flags(
             # The flag sets the field False; the field's own name, the opposite.
             parser.add_argument(name, action="store_const", const=False, **options)
             plain = {"dest": options["dest"], "help": "the opposite of " + name}
-            parser.add_argument("--" + field.name.replace("_", "-"), action="store_const", const=True, **plain)
+            parser.add_argument(_own_flag(field), action="store_const", const=True, **plain)
             continue
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction

@@ -27,7 +27,6 @@ def setting(
     default: Any = dataclasses.MISSING,
     *,
     help: str,
-    factory: Callable[[], Any] | None = None,
     flag: str | None = None,
     choices: str | tuple[str, ...] | None = None,
     required: bool = False,
@@ -43,8 +42,6 @@ def setting(
     keeps a crop setting off the commands that write no crops."""
     metadata = {"help": help, "flag": flag, "choices": choices, "required": required, "negate": negate,
                 "none_word": none_word, "crop_job_only": crop_job_only}  # fmt: skip
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 

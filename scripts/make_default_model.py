@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import UTKFACE, YUNET, markdown_table  # noqa: E402
 from wild import evaluate_wild  # noqa: E402
 
+from agepipe.cli import flag_for
 from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
 from agepipe.model import export_for_sharing, load_checkpoint
@@ -302,14 +303,11 @@ TRIED_HEADING = "## What was tried"
 def train_flags(train_settings: dict) -> str:
     """The `agepipe train` flags for the shown settings where the run differs from today's defaults."""
     fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
-    flags = []
-    for name in SETTINGS_SHOWN:
-        field = fields[name]
-        if train_settings[name] == field.default:
-            continue
-        flag = field.metadata["flag"] or "--" + name.replace("_", "-")
-        flags.append(f" {flag}" if isinstance(field.default, bool) else f" {flag} {train_settings[name]}")
-    return "".join(flags)
+    return "".join(
+        f" {flag_for(fields[name], train_settings[name])}"
+        for name in SETTINGS_SHOWN
+        if train_settings[name] != fields[name].default
+    )
 
 
 def tried_section(card: Path) -> str:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agepipe import config
-from agepipe.cli import COMMANDS, build_parser, settings_from_args
+from agepipe.cli import COMMANDS, build_parser, flag_for, settings_from_args
 
 SETTINGS = {
     "crop": config.CropJobSettings,
@@ -108,3 +108,11 @@ def test_crop_job_flags_set_its_crop_and_label_settings() -> None:
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["score", *REQUIRED["score"], "--encoding", "png"])  # score writes no crops
+
+
+def test_flag_for_gives_the_text_that_parses_back_to_the_value() -> None:
+    fields = {f.name: f for f in dataclasses.fields(config.TrainSettings)}
+    for name, value in [("freeze_batchnorm", True), ("freeze_batchnorm", False), ("use_gpu", True),
+                        ("use_gpu", False), ("phase2_epochs", 3), ("backbone", "resnet18")]:  # fmt: skip
+        parsed = _parse("train", *flag_for(fields[name], value).split())
+        assert getattr(parsed, name) == value, (name, value)
