@@ -16,8 +16,11 @@ class ClusterUnreachable(ConnectionError):
 
 
 def recorded_address_file() -> Path:
-    """Where `ray start --head` records its address for later `ray.init()` calls on this machine."""
-    return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    """Where `ray start --head` records its address for later `ray.init()` calls on this machine
+    (under RAY_TMPDIR, else TMPDIR, else /tmp: Ray's own lookup)."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
 
 
 def cluster_address() -> tuple[str | None, str]:

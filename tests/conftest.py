@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Every Ray the tests start (in-process, simulated clusters, CLI runs, notebook kernels, Ray workers) keeps
+# its sessions and its recorded cluster address in a folder of this test session's: a head that another
+# run on this machine left recorded in /tmp/ray cannot capture the suite, nor the suite leave one for a
+# user. Short, under /tmp, because Ray's socket paths must stay under 108 bytes.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="agt", dir="/tmp")
+atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 # The benchmarks' shared helpers (composite photos, the in-the-wild evaluation) serve the tests too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -49,10 +49,11 @@ def simulated_cluster(worker_cpus: int):
     try:
         yield cluster, workers
     finally:
+        # A simulated head must not stay recorded as the machine's cluster once it is gone, test failed or not.
+        recorded = address_file.read_text() if address_file.is_file() else None
+        if recorded is not None and recorded != before and cluster.address in recorded:
+            address_file.unlink()
         cluster.shutdown()
-    # A simulated head must not stay recorded as the machine's cluster once it is gone.
-    if address_file.is_file() and address_file.read_text() != before and cluster.address in address_file.read_text():
-        address_file.unlink()
 
 
 @pytest.fixture()
