@@ -11,13 +11,6 @@ from pathlib import Path
 
 import pytest
 
-# Every Ray the tests start (in-process, simulated clusters, CLI runs, notebook kernels, Ray workers) keeps
-# its sessions and its recorded cluster address in a folder of this test session's: a head that another
-# run on this machine left recorded in /tmp/ray cannot capture the suite, nor the suite leave one for a
-# user. Short, under /tmp, because Ray's socket paths must stay under 108 bytes.
-os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="agt", dir="/tmp")
-atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
-
 # The benchmarks' shared helpers (composite photos, the in-the-wild evaluation) serve the tests too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from helpers import run_cli
@@ -28,6 +21,13 @@ from agepipe.predict import DEFAULT_MODEL
 # The default model records its YuNet weights by file name; here they come from the shared folder, in
 # every process the tests start (Ray workers, notebook kernels, CLI runs inherit the variable).
 os.environ.setdefault("AGEPIPE_WEIGHTS_PATH", str(shared_data_dir() / "models"))
+
+# Every Ray the tests start (in-process, simulated clusters, CLI runs, notebook kernels, Ray workers) keeps
+# its sessions and its recorded cluster address in a folder of this test session's: a head that another
+# run on this machine left recorded in /tmp/ray cannot capture the suite, nor the suite leave one for a
+# user. Short, under /tmp, because Ray's socket paths must stay under 108 bytes.
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="agt", dir="/tmp")
+atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
