@@ -36,6 +36,11 @@ def images(utkface_dir, tmp_path_factory) -> Path:
     return folder
 
 
+# Ray's defaults take about 15 s (five failed checks, 3 s apart) to declare a killed node dead; the
+# tests' kills are certain, so the head declares them after two checks 0.5 s apart.
+FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+
+
 @contextmanager
 def simulated_cluster(worker_cpus: int):
     """A one-CPU head and two worker nodes of `worker_cpus` each, on this machine."""
@@ -43,30 +48,36 @@ def simulated_cluster(worker_cpus: int):
 
     address_file = recorded_address_file()
     before = address_file.read_text() if address_file.is_file() else None
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    head_args = {"num_cpus": 1, "include_dashboard": False, "_system_config": FAST_NODE_DEATH}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head_args)
+    # Cluster records its head as the machine's cluster; the tests name it in RAY_ADDRESS instead, so that
+    # other jobs meanwhile (a session fixture's crop run) start a Ray of their own, as they would elsewhere.
+    if address_file.is_file() and address_file.read_text() != before:
+        address_file.unlink()
     workers = [cluster.add_node(num_cpus=worker_cpus) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         yield cluster, workers
     finally:
-        # A simulated head must not stay recorded as the machine's cluster once it is gone, test failed or not.
-        recorded = address_file.read_text() if address_file.is_file() else None
-        if recorded is not None and recorded != before and cluster.address in recorded:
-            address_file.unlink()
         cluster.shutdown()
 
 
-@pytest.fixture()
-def cluster():
-    with simulated_cluster(worker_cpus=1) as nodes:
-        yield nodes
-
-
-@pytest.fixture()
-def training_cluster():
-    """Worker nodes of two CPUs, so that the training worker fits on either but not on the head."""
+@pytest.fixture(scope="module")
+def module_cluster():
+    """One simulated cluster for the module, its worker nodes of two CPUs so that a training worker fits
+    on either but not on the head. Each test kills a worker node; `cluster` replaces it afterwards."""
     with simulated_cluster(worker_cpus=2) as nodes:
         yield nodes
+
+
+@pytest.fixture()
+def cluster(module_cluster):
+    cluster_handle, workers = module_cluster
+    yield cluster_handle, workers
+    for index, node in enumerate(workers):
+        if node not in cluster_handle.worker_nodes:
+            workers[index] = cluster_handle.add_node(num_cpus=2)
+    cluster_handle.wait_for_nodes()
 
 
 def parquet_files(folder: Path) -> int:
@@ -173,8 +184,8 @@ NODE_LOSS_RUN = (*TINY_RUN, "--num-workers", "1", "--cpus-per-worker", "1.5", "-
                  "--phase2-epochs", "2", "--patience", "10")  # fmt: skip
 
 
-def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(training_cluster, small_faces, tmp_path):
-    cluster_handle, workers = training_cluster
+def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(cluster, small_faces, tmp_path):
+    cluster_handle, workers = cluster
     output = tmp_path / "run"
     command = ["train", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN]
     kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
@@ -183,8 +194,8 @@ def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(train
     assert (output / "model.pt").is_file()
 
 
-def test_tune_trial_finishes_from_its_checkpoint_when_its_node_dies(training_cluster, small_faces, tmp_path):
-    cluster_handle, workers = training_cluster
+def test_tune_trial_finishes_from_its_checkpoint_when_its_node_dies(cluster, small_faces, tmp_path):
+    cluster_handle, workers = cluster
     output = tmp_path / "tune"
     command = ["tune", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN, "--num-samples", "1"]
     kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
