@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -146,19 +145,16 @@ def test_job_that_cannot_run_exits_nonzero_with_a_message(tmp_path) -> None:
 
 def test_a_dead_head_left_recorded_is_reported_at_once(tmp_path) -> None:
     """A head killed without `ray stop` leaves its address recorded; the job says what to do, not hang."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="agd", dir="/tmp"))
-    (ray_tmp / "ray").mkdir()
+    ray_tmp = tmp_path / "ray-tmp"
+    (ray_tmp / "ray").mkdir(parents=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
     (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
     (tmp_path / "in").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "in" / "a.jpg")
-    try:
-        result = run_cli("crop", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--detector", "none",
-                         env={"RAY_TMPDIR": str(ray_tmp)}, timeout=60)  # fmt: skip
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = run_cli("crop", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--detector", "none",
+                     env={"RAY_TMPDIR": str(ray_tmp)}, timeout=60)  # fmt: skip
     assert result.returncode != 0
     assert f"no Ray cluster answers at {dead}" in result.stderr and "ray stop" in result.stderr, result.stderr[-2000:]
 

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -39,11 +38,13 @@ def images(utkface_dir, tmp_path_factory) -> Path:
 # Ray's defaults take about 15 s (five failed checks, 3 s apart) to declare a killed node dead; the
 # tests' kills are certain, so the head declares them after two checks 0.5 s apart.
 FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+WORKER_CPUS = 2  # a training worker of 1.5 CPUs fits on either worker node, not on the one-CPU head
 
 
-@contextmanager
-def simulated_cluster(worker_cpus: int):
-    """A one-CPU head and two worker nodes of `worker_cpus` each, on this machine."""
+@pytest.fixture(scope="module")
+def module_cluster():
+    """One simulated cluster for the module: a one-CPU head and two worker nodes, on this machine. Each
+    test kills a worker node; `cluster` replaces it afterwards."""
     from ray.cluster_utils import Cluster
 
     address_file = recorded_address_file()
@@ -54,20 +55,10 @@ def simulated_cluster(worker_cpus: int):
     # other jobs meanwhile (a session fixture's crop run) start a Ray of their own, as they would elsewhere.
     if address_file.is_file() and address_file.read_text() != before:
         address_file.unlink()
-    workers = [cluster.add_node(num_cpus=worker_cpus) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
     cluster.wait_for_nodes()
-    try:
-        yield cluster, workers
-    finally:
-        cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def module_cluster():
-    """One simulated cluster for the module, its worker nodes of two CPUs so that a training worker fits
-    on either but not on the head. Each test kills a worker node; `cluster` replaces it afterwards."""
-    with simulated_cluster(worker_cpus=2) as nodes:
-        yield nodes
+    yield cluster, workers
+    cluster.shutdown()
 
 
 @pytest.fixture()
@@ -76,7 +67,7 @@ def cluster(module_cluster):
     yield cluster_handle, workers
     for index, node in enumerate(workers):
         if node not in cluster_handle.worker_nodes:
-            workers[index] = cluster_handle.add_node(num_cpus=2)
+            workers[index] = cluster_handle.add_node(num_cpus=WORKER_CPUS)
     cluster_handle.wait_for_nodes()
 
 
