@@ -203,7 +203,11 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
         storage.join(base.output, "best_config.json"),
         json.dumps({"config": best_config, "val_mae": summary["best_val_mae"]}, indent=2).encode(),
     )
+    # Each trial's best epoch; its training_iteration is that epoch's, so how far the trial ran comes from
+    # its last result.
     trials = results.get_dataframe(filter_metric="val_mae", filter_mode="min")
     trials = trials.drop(columns=[TRAIN_RUN_ID, PLACEMENT_GROUP_ID], errors="ignore")  # bookkeeping, not results
+    iterations_run = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in results if r.metrics}
+    trials["iterations_run"] = trials["trial_id"].map(iterations_run)
     storage.write_bytes(storage.join(base.output, "trials.csv"), trials.to_csv(index=False).encode())
     return {"best_config": best_config, **summary, "trials": len(trials)}

@@ -191,5 +191,5 @@ def test_tune_trial_finishes_from_its_checkpoint_when_its_node_dies(cluster, sma
     command = ["tune", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN, "--num-samples", "1"]
     kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
     trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 1 and trials["training_iteration"].iloc[0] == 3
+    assert len(trials) == 1 and trials["iterations_run"].iloc[0] == 3
     assert list(pd.read_csv(output / "metrics.csv")["epoch"]) == [0, 1, 2], "epochs were lost or repeated"
