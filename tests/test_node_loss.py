@@ -78,8 +78,7 @@ def parquet_files(folder: Path) -> int:
 def run_with_a_node_killed(cluster, workers, command: list[str], output: Path, kill_after_files: int) -> int:
     """Run `agepipe COMMAND` against the cluster; kill a worker node once the output holds
     `kill_after_files` Parquet files (0: as soon as the job has started its actors)."""
-    cluster_handle, _ = cluster, workers
-    env = {**os.environ, "RAY_ADDRESS": cluster_handle.address}
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
     process = subprocess.Popen(
         [sys.executable, "-m", "agepipe.cli", *command],
         env=env,
@@ -92,7 +91,7 @@ def run_with_a_node_killed(cluster, workers, command: list[str], output: Path, k
     while time.monotonic() < deadline and process.poll() is None:
         ready = parquet_files(output) >= kill_after_files if kill_after_files else time.monotonic() - started > 8
         if ready:
-            cluster_handle.remove_node(workers[0], allow_graceful=False)
+            cluster.remove_node(workers[0], allow_graceful=False)
             break
         time.sleep(0.05)
     out, _ = process.communicate(timeout=600)

@@ -205,6 +205,8 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_loca
         "2",
         "--num-samples",
         "6",
+        "--min-per-age",
+        "1",
         cwd=tmp_path,
         env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
     )
