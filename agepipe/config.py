@@ -240,7 +240,7 @@ class TrainSettings:
     age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
     dense_units: int = setting(512, help="units of the shared dense layer")
     dropout: float = setting(0.3, help="dropout before the heads")
-    image_size: int = setting(128, help="network input side in pixels")
+    image_size: int = setting(160, help="network input side in pixels")
     augmentation: str = setting("wild", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
     batch_size: int = setting(64, help="faces per step on each worker")
     phase1_epochs: int = setting(0, help="epochs training the heads on the frozen backbone")
