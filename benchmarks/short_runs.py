@@ -12,7 +12,6 @@ results/short-runs.md and .json.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +22,15 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import linked_folder, median, utkface_files, write_results  # noqa: E402
-from helpers import TINY_RUN  # noqa: E402
+from helpers import TINY_RUN, run_cli  # noqa: E402
 
 from agepipe.config import TrainSettings  # noqa: E402
 
 
 def agepipe(*args: str) -> float:
+    """Seconds `agepipe ARGS` takes in a fresh process, as the suite runs it (`helpers.run_cli`)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "agepipe.cli", *args], capture_output=True, text=True)
+    result = run_cli(*args)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     return time.perf_counter() - started
