@@ -60,6 +60,13 @@ class JobSummary:
         )
 
 
+def remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
+    """Delete the temporary files of writers killed before their rename (their batch is retried)."""
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if entry.type == pafs.FileType.File and entry.base_name.startswith(TEMPORARY_PREFIX):
+            fs.delete_file(entry.path)
+
+
 def completed_paths(output: str) -> set[str]:
     """Input paths already present in an output dataset.
 
@@ -72,11 +79,9 @@ def completed_paths(output: str) -> set[str]:
         return set()
     if info.type != pafs.FileType.Directory:
         raise storage.StorageError(f"output {output!r} exists and is not a directory")
+    remove_temporary_files(fs, root)
     done: set[str] = set()
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if entry.type == pafs.FileType.File and entry.base_name.startswith(TEMPORARY_PREFIX):
-            fs.delete_file(entry.path)
-            continue
         if entry.type != pafs.FileType.File or not entry.path.endswith(".parquet"):
             continue
         try:
@@ -106,8 +111,10 @@ def plan_inputs(input_uri: str, output_uri: str) -> tuple[list[str], JobSummary]
 
 
 def summarize_output(output: str, paths: set[str], summary: JobSummary) -> JobSummary:
-    """Fill face, no_face and error counts from the output rows of `paths` (this run's images)."""
+    """Fill face, no_face and error counts from the output rows of `paths` (this run's images), once
+    the temporary files that a worker killed during this run left are gone."""
     fs, root = storage.resolve(output)
+    remove_temporary_files(fs, root)
     try:
         table = pq.read_table(root, filesystem=fs, columns=["path", "face_index", "error"])
     except (OSError, pa.ArrowInvalid):
