@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import write_results  # noqa: E402
 
+from agepipe.labels import group_index  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def held_out_predictions(faces: str, model: str, split_file: str) -> tuple[pd.Da
     crops = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in frame["image"]]
     predictions = predictor.predict_crops(crops)
     edges = np.array(predictor.config.groups.lower_bounds[1:], dtype=float)
-    frame["true_group"] = np.searchsorted(edges, frame["age"].to_numpy(), side="right")
+    frame["true_group"] = [group_index(age, predictor.config.groups) for age in frame["age"]]
     frame["pred_age"] = [p["age"] for p in predictions]
     probabilities = np.array([[p["age_group_probs"][n] for n in predictor.group_names] for p in predictions])
     return frame.drop(columns="image"), probabilities, edges

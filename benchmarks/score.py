@@ -40,7 +40,6 @@ from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out rows also show the other
 
