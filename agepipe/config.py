@@ -8,6 +8,7 @@ their help and their shown defaults from these fields alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable
@@ -323,11 +324,26 @@ class ServeSettings:
     gpu_fraction: float = setting(0.25, help="of a GPU per replica, where there is one")
 
 
+# What `agepipe tune` searches unless a YAML file's `search_space` replaces it (whole): each training
+# setting with one sampler (`tune.SEARCH_SAMPLERS`) and its arguments.
+DEFAULT_SEARCH_SPACE = {
+    "phase1_lr": {"loguniform": [1e-3, 1e-2]},
+    "phase2_lr": {"loguniform": [1e-4, 2e-3]},
+    "dropout": {"uniform": [0.1, 0.5]},
+    "dense_units": {"choice": [256, 512, 1024]},
+    "unfreeze_stages": {"choice": [2, 4, 6, 9]},
+    "group_loss_weight": {"uniform": [0.2, 1.0]},
+    "gender_loss_weight": {"uniform": [0.2, 1.0]},
+}
+
+
 @dataclass
 class TuneSettings:
-    """Hyperparameter search over the training function; `train` holds the fixed settings."""
+    """Hyperparameter search over the training function; `train` holds the fixed settings and
+    `search_space` (YAML only) the searched ones."""
 
     train: TrainSettings = nested(TrainSettings)
+    search_space: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SEARCH_SPACE))
     num_samples: int = setting(8, help="trials to run")
     max_concurrent_trials: int | None = setting(None, help="unset: as many as the CPUs allow")
     grace_period: int = setting(1, help="ASHA: epochs a trial runs before it can be stopped")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
+
+from ray import tune
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
@@ -18,36 +21,37 @@ from agepipe.train_loop import PLACEMENT_GROUP_ID
 
 # A trial function only drives its TorchTrainer; the workers hold the CPUs.
 TRIAL_DRIVER_CPUS = 0.01
-TUNED_FIELDS = (
-    "phase1_lr",
-    "phase2_lr",
-    "dropout",
-    "dense_units",
-    "unfreeze_stages",
-    "group_loss_weight",
-    "gender_loss_weight",
-)
 
 
-def search_space() -> dict[str, Any]:
-    """Learning rates of both phases, dropout, dense units, unfrozen depth and loss weights."""
-    from ray import tune
-
-    return {
-        "phase1_lr": tune.loguniform(1e-3, 1e-2),
-        "phase2_lr": tune.loguniform(1e-4, 2e-3),
-        "dropout": tune.uniform(0.1, 0.5),
-        "dense_units": tune.choice([256, 512, 1024]),
-        "unfreeze_stages": tune.choice([2, 4, 6, 9]),
-        "group_loss_weight": tune.uniform(0.2, 1.0),
-        "gender_loss_weight": tune.uniform(0.2, 1.0),
-    }
+SEARCH_SAMPLERS: dict[str, Callable[[list], Any]] = {
+    # Bounds as numbers: YAML reads 1e-4 (no dot) as a string.
+    "uniform": lambda args: tune.uniform(*map(float, args)),
+    "loguniform": lambda args: tune.loguniform(*map(float, args)),
+    "randint": lambda args: tune.randint(*map(int, args)),
+    "choice": tune.choice,
+    "grid": tune.grid_search,
+}
 
 
-def trial_settings(base: TrainSettings, trial_config: dict[str, Any], output: str) -> TrainSettings:
-    """The base settings with one trial's hyperparameters, writing under `output`."""
-    values = {k: v for k, v in trial_config.items() if k in TUNED_FIELDS}
-    return dataclasses.replace(base, output=output, **values)
+def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune's param space from `{setting: {sampler: arguments}}` (`TuneSettings.search_space`):
+    `uniform`, `loguniform` and `randint` take [low, high]; `choice` and `grid` the values (`grid` runs
+    every value, in order, `num_samples` times over)."""
+    searchable = {f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("help")}
+    space = {}
+    for name, sampler in spec.items():
+        if name not in searchable:
+            raise ValueError(f"search_space: {name!r} is not a training setting that a flag sets")
+        if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SEARCH_SAMPLERS:
+            raise ValueError(f"search_space: {name} needs one sampler of {sorted(SEARCH_SAMPLERS)}, got {sampler!r}")
+        ((kind, arguments),) = sampler.items()
+        space[name] = SEARCH_SAMPLERS[kind](list(arguments))
+    return space
+
+
+def trial_settings(base: TrainSettings, searched: dict[str, Any], output: str) -> TrainSettings:
+    """The base settings with one trial's values of the searched settings, writing under `output`."""
+    return dataclasses.replace(base, output=output, **searched)
 
 
 TRAIN_RUN_ID = "train_run_id"
@@ -92,7 +96,6 @@ def release_train_run(train_run_id: str | None, placement_group_id: str | None) 
 
 def release_stopped_trials_callback() -> Any:
     """A Tune callback that gives back the cluster share of a trial that has ended (`release_train_run`)."""
-    from ray import tune
 
     class ReleaseStoppedTrials(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -122,10 +125,10 @@ def tune_trial(trial_config: dict[str, Any]) -> None:
     base = from_dict(TrainSettings, trial_config["base"])
     context = ray.tune.get_context()
     trial_output = storage.join(trial_config["output"], "trials", context.get_trial_id())
-    settings = trial_settings(base, trial_config, trial_output)
+    settings = trial_settings(base, trial_config["searched"], trial_output)
     plan, _ = plan_dataset(settings)
     trainer = make_trainer(
-        settings, plan, trial_output, "ray_train", callbacks=[trial_report_callback()], materialize=True
+        settings, plan, trial_output, "ray_train", callbacks=[trial_report_callback()], materialize_train=True
     )
     trainer.fit()
 
@@ -149,10 +152,10 @@ def latest_trial_checkpoint(output: str, trial_id: str) -> Any:
 def run_tune(settings: TuneSettings) -> dict[str, Any]:
     """Search, then write `best_config.json`, the best trial's `model.pt`, `metrics.csv` and `trials.csv`."""
     import ray
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    space = search_space(settings.search_space)  # a bad space is reported before Ray starts
     base = with_absolute_paths(settings.train)
     prepare_run(base)
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
@@ -172,7 +175,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     )
     tuner = tune.Tuner(
         tune.with_resources(tune_trial, {"CPU": TRIAL_DRIVER_CPUS}),
-        param_space={**search_space(), "base": to_dict(base), "output": base.output},
+        param_space={"searched": space, "base": to_dict(base), "output": base.output},
         tune_config=tune.TuneConfig(
             metric="val_mae",
             mode="min",
@@ -194,7 +197,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     )
     results = tuner.fit()
     best = results.get_best_result(metric="val_mae", mode="min", scope="all")
-    best_config = {k: best.config[k] for k in TUNED_FIELDS}
+    best_config = best.config["searched"]
     best_settings = trial_settings(base, best_config, base.output)
     summary = export_checkpoint(
         latest_trial_checkpoint(base.output, best.metrics["trial_id"]), best_settings, base.output

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import TINY_RUN, registered_checkpoints, run_cli
 
-from agepipe.config import AgeGroups, TrainSettings
+from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint, normalize_uint8
 from agepipe.train import (
@@ -26,7 +26,7 @@ from agepipe.train import (
     usable_rows,
 )
 from agepipe.train_loop import LR_SCHEDULES, step_schedule, warmup_schedule
-from agepipe.tune import TUNED_FIELDS
+from agepipe.tune import search_space
 
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
@@ -114,41 +114,6 @@ def test_warmup_ramps_linearly_to_the_scheduled_rate() -> None:
     assert warmup_schedule(optimizer, 0) is None  # no warm-up: the scheduled rate from the first step
 
 
-def test_short_ddp_training_learns_and_its_checkpoint_reloads(small_faces, tmp_path) -> None:
-    output = tmp_path / "run"
-    result = run_cli(
-        "train",
-        "--data",
-        str(small_faces),
-        "--output",
-        str(output),
-        *TINY_RUN,
-        "--phase1-epochs",
-        "3",
-        "--phase2-epochs",
-        "1",
-        "--phase1-lr",
-        "0.01",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = pd.read_csv(output / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1, 2, 3] and list(metrics["phase"]) == [1, 1, 1, 2]
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    assert {"val_mae", "val_group_accuracy", "val_gender_accuracy", "lr", "val_loss"} <= set(metrics.columns)
-    split = pd.read_parquet(output / "split.parquet")
-    assert set(split["split"]) == {"train", "val", "test"}
-
-    model, crop, checkpoint = load_checkpoint(str(output / "model.pt"))
-    assert crop.detector == "none" and crop.size == 96
-    assert checkpoint["val_mae"] == metrics["val_mae"].min()
-    again, _, _ = load_checkpoint(str(output / "model.pt"))
-    images = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(model(images)["age"], again(images)["age"])
-    checkpoints = sorted((output / "ray_train").glob("checkpoint_*"))
-    assert checkpoints, "no Ray Train checkpoints under the output"
-
-
 def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while len(registered_checkpoints(output / "ray_train")) < count:
@@ -157,11 +122,12 @@ def _wait_for_checkpoints(output: Path, count: int, process: subprocess.Popen, t
         time.sleep(0.5)
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(small_faces, tmp_path) -> None:
-    # A killed worker (a lost node) is tests/test_node_loss.py's; here the whole run is killed.
+def test_interrupted_ddp_run_resumes_from_its_last_checkpoint_learns_and_reloads(small_faces, tmp_path) -> None:
+    # Two DDP workers on CPU, the whole run killed after its first checkpoint and run again (a killed
+    # worker, a lost node, is tests/test_node_loss.py's). One phase-1 and one phase-2 epoch.
     output = tmp_path / "run"
     command = ("train", "--data", str(small_faces), "--output", str(output), *TINY_RUN,
-               "--phase1-epochs", "1", "--phase2-epochs", "2", "--patience", "10")  # fmt: skip
+               "--phase1-epochs", "1", "--phase2-epochs", "1", "--phase1-lr", "0.01", "--patience", "10")  # fmt: skip
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
             [sys.executable, "-m", "agepipe.cli", *command],
@@ -177,18 +143,37 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(small_faces, tmp_path)
     assert not (output / "metrics.csv").exists(), "the first run should not have finished"
     second = run_cli(*command)  # the same command again resumes from the storage path
     assert second.returncode == 0, second.stderr[-3000:]
-    metrics = pd.read_csv(output / "metrics.csv")
-    assert list(metrics["epoch"]) == [0, 1, 2], "epochs were lost or repeated"
     assert "'epoch': 0," not in second.stdout + second.stderr, "the resumed run started over"
+    metrics = pd.read_csv(output / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1] and list(metrics["phase"]) == [1, 2], "epochs were lost or repeated"
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+    assert {"val_mae", "val_group_accuracy", "val_gender_accuracy", "lr", "val_loss"} <= set(metrics.columns)
+    split = pd.read_parquet(output / "split.parquet")
+    assert set(split["split"]) == {"train", "val", "test"}
+
+    model, crop, checkpoint = load_checkpoint(str(output / "model.pt"))
+    assert crop.detector == "none" and crop.size == 96
+    assert checkpoint["val_mae"] == metrics["val_mae"].min()
+    again, _, _ = load_checkpoint(str(output / "model.pt"))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images)["age"], again(images)["age"])
 
 
 def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_local, tmp_path) -> None:
     output = tmp_path / "tune"
+    # Two trials in this order: a sane phase-1 rate, then one far too high, which is behind at ASHA's first
+    # rung (grace period 1, reduction factor 3) and is stopped there; the first runs every epoch.
+    (tmp_path / "space.yaml").write_text(
+        "search_space:\n  phase1_lr: {grid: [0.003, 3.0]}\n  dropout: {uniform: [0.1, 0.5]}\n"
+    )
     # On the session's Ray (one Ray instance on the machine: with two, Ray Train's placement-group
     # cleaner cannot tell which one to clean, and a stopped trial keeps its CPUs), with relative
     # paths as a user types them: every trial runs in a directory of its own.
     result = run_cli(
         "tune",
+        "--config",
+        "space.yaml",
         "--data",
         os.path.relpath(small_faces, tmp_path),
         "--output",
@@ -202,9 +187,9 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_loca
         "--phase1-epochs",
         "1",
         "--phase2-epochs",
-        "2",
+        "1",
         "--num-samples",
-        "6",
+        "1",
         "--min-per-age",
         "1",
         cwd=tmp_path,
@@ -212,17 +197,24 @@ def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_loca
     )
     assert result.returncode == 0, result.stderr[-3000:]
     best = json.loads((output / "best_config.json").read_text())
-    assert set(best["config"]) == set(TUNED_FIELDS)
+    assert set(best["config"]) == {"phase1_lr", "dropout"} and best["config"]["phase1_lr"] == 0.003
     trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 6 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
-    # ASHA (grace period 1, reduction factor 3) stops the trials behind at the first rung; the ones
-    # after them still get the CPUs (a stopped trial's reservation is given back). Trials run one at a
-    # time here, and their first-epoch MAEs lie close together: with four, each was once better than all
-    # before it and none was stopped; six make that unlikely.
-    assert (trials["iterations_run"] < 3).any() and (trials["iterations_run"] == 3).any()
+    assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    iterations = dict(zip(trials["config/searched/phase1_lr"], trials["iterations_run"], strict=True))
+    assert iterations == {0.003: 2, 3.0: 1}, "ASHA did not stop the trial behind at its first rung"
     model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
-    assert model.config.dense_units == best["config"]["dense_units"]
+    assert model.config.dropout == pytest.approx(best["config"]["dropout"])
     assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
+
+
+def test_a_search_space_names_settings_and_known_samplers() -> None:
+    space = search_space({"phase2_lr": {"loguniform": [1e-4, 1e-3]}, "dense_units": {"grid": [256, 512]}})
+    assert 1e-4 <= space["phase2_lr"].sample() <= 1e-3 and space["dense_units"] == {"grid_search": [256, 512]}
+    assert set(search_space(TuneSettings().search_space)) == set(DEFAULT_SEARCH_SPACE)
+    with pytest.raises(ValueError, match="'learning_rate' is not a training setting"):
+        search_space({"learning_rate": {"choice": [0.1]}})
+    with pytest.raises(ValueError, match="one sampler of"):
+        search_space({"dropout": {"normal": [0.2, 0.1]}})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
