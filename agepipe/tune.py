@@ -16,7 +16,8 @@ from ray import tune
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
-from agepipe.train import export_checkpoint, make_trainer, plan_dataset, prepare_run, with_absolute_paths, worker_cpus
+from agepipe.train import export_checkpoint, make_trainer, prepare_run, with_absolute_paths, worker_cpus
+from agepipe.train_data import plan_dataset
 from agepipe.train_loop import PLACEMENT_GROUP_ID
 
 # A trial function only drives its TorchTrainer; the workers hold the CPUs.

@@ -19,12 +19,8 @@ from helpers import TINY_RUN, registered_checkpoints, run_cli
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import group_index
 from agepipe.model import load_checkpoint, normalize_uint8
-from agepipe.train import (
-    balancing_weights,
-    require_gpus,
-    stratified_split,
-    usable_rows,
-)
+from agepipe.train import require_gpus
+from agepipe.train_data import balancing_weights, stratified_split, usable_rows
 from agepipe.train_loop import LR_SCHEDULES, step_schedule, warmup_schedule
 from agepipe.tune import search_space
 
