@@ -214,8 +214,10 @@ def test_a_search_space_names_settings_and_known_samplers() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(tmp_path) -> None:
-    result = run_cli("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"), "--use-gpu")
+def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(ray_local, tmp_path) -> None:
+    on_session_ray = {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # no Ray start of its own
+    command = ("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"), "--use-gpu")
+    result = run_cli(*command, env=on_session_ray)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--use-gpu needs one GPU per worker (2) but the Ray cluster has 0: leave out --use-gpu" in result.stderr
     assert require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=2) is None
