@@ -43,10 +43,13 @@ def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name, sampler in spec.items():
         if name not in searchable:
             raise ValueError(f"search_space: {name!r} is not a training setting that a flag sets")
-        if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SEARCH_SAMPLERS:
-            raise ValueError(f"search_space: {name} needs one sampler of {sorted(SEARCH_SAMPLERS)}, got {sampler!r}")
-        ((kind, arguments),) = sampler.items()
-        space[name] = SEARCH_SAMPLERS[kind](list(arguments))
+        one = isinstance(sampler, dict) and len(sampler) == 1
+        kind, arguments = next(iter(sampler.items())) if one else (None, None)
+        if kind not in SEARCH_SAMPLERS or not isinstance(arguments, list):
+            raise ValueError(
+                f"search_space: {name} needs one sampler of {sorted(SEARCH_SAMPLERS)} with a list, got {sampler!r}"
+            )
+        space[name] = SEARCH_SAMPLERS[kind](arguments)
     return space
 
 

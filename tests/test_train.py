@@ -211,6 +211,8 @@ def test_a_search_space_names_settings_and_known_samplers() -> None:
         search_space({"learning_rate": {"choice": [0.1]}})
     with pytest.raises(ValueError, match="one sampler of"):
         search_space({"dropout": {"normal": [0.2, 0.1]}})
+    with pytest.raises(ValueError, match="with a list"):
+        search_space({"dropout": {"uniform": 0.2}})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
