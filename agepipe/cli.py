@@ -153,9 +153,17 @@ for _name, (_cls, _, _) in SETTINGS_COMMANDS.items():
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint to export (path or URI)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="checkpoint to export (path or URI); several, trained on the same crops with one model config, "
+        "are exported as one ensemble that scores with the mean of their ages and probabilities",
+    )
     parser.add_argument("--output", required=True, help="where to write the shareable checkpoint")
-    parser.add_argument("--full-precision", action="store_true", help="keep float32 weights (default fp16)")
+    parser.add_argument(
+        "--full-precision", action="store_true", default=False, help="keep float32 weights (default fp16)"
+    )
 
 
 @command("export", add_export_arguments)
@@ -163,7 +171,8 @@ def run_export_command(args: argparse.Namespace) -> int:
     from agepipe.model import export_for_sharing
 
     crop = export_for_sharing(args.model, args.output, half=not args.full_precision)
-    print(f"export: wrote {args.output} (crop settings {crop})")
+    what = f"an ensemble of {len(args.model)} models" if len(args.model) > 1 else "the model"
+    print(f"export: wrote {what} to {args.output} (crop settings {crop})")
     return 0
 
 

@@ -7,23 +7,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from agepipe.model import AgeModel, age_estimate, backbone_stages
+from agepipe.model import AgeNetwork, age_estimate, backbone_stages, networks
 
 
-def grad_cam(model: AgeModel, image: torch.Tensor, layer: nn.Module | None = None) -> np.ndarray:
+def grad_cam(model: AgeNetwork, image: torch.Tensor, layer: nn.Module | None = None) -> np.ndarray:
     """Heatmap in [0, 1] (H, W of `image`) for the predicted age of one normalized (1, 3, H, W) input.
 
-    The target layer defaults to the backbone's last stage; gradients flow even where
-    the model's parameters are frozen because the input's activations are hooked.
+    The target layer defaults to the backbone's last stage (each member's, averaged, for an ensemble);
+    gradients flow even where the model's parameters are frozen because the input's activations are hooked.
     """
-    layer = layer or backbone_stages(model)[-1]
-    captured: dict[str, torch.Tensor] = {}
+    layers = [layer] if layer is not None else [backbone_stages(network)[-1] for network in networks(model)]
+    captured: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         output.retain_grad()
-        captured["activation"] = output
+        captured.append(output)
 
-    handle = layer.register_forward_hook(keep)
+    handles = [target.register_forward_hook(keep) for target in layers]
     was_training = model.training
     model.eval()
     try:
@@ -32,14 +32,19 @@ def grad_cam(model: AgeModel, image: torch.Tensor, layer: nn.Module | None = Non
             age, _ = age_estimate(model(inputs)["age"], model.config)
             age.sum().backward()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    activation = captured["activation"]
-    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * activation).sum(1))[0].detach().cpu().numpy()
-    cam = cv2.resize(cam, (image.shape[-1], image.shape[-2]), interpolation=cv2.INTER_LINEAR)
+    size = (image.shape[-1], image.shape[-2])
+    cams = [cv2.resize(_class_activation(activation), size, interpolation=cv2.INTER_LINEAR) for activation in captured]
+    cam = np.mean(cams, axis=0)
     peak = cam.max()
     return cam / peak if peak > 0 else cam
+
+
+def _class_activation(activation: torch.Tensor) -> np.ndarray:
+    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).sum(1))[0].detach().cpu().numpy()
 
 
 def overlay(crop: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -12,7 +12,8 @@ bins and the crop settings, so scoring reproduces training's preprocessing.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,40 @@ class AgeModel(nn.Module):
         }
 
 
+def mixture(outputs: Sequence[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Several forward passes' outputs as one, in the same form: the mean of regression ages, and the
+    mixture (mean) of each softmax output's probabilities as log-probabilities, so that the callers'
+    softmax gives the mixture itself. Flip TTA and ensembles combine their passes with it."""
+    mixed = {}
+    for name in outputs[0]:
+        values = torch.stack([output[name] for output in outputs])
+        if name == "age" and config.age_head == "regression":
+            mixed[name] = values.mean(0)
+        else:
+            mixed[name] = values.log_softmax(-1).logsumexp(0) - math.log(len(outputs))
+    return mixed
+
+
+class AgeEnsemble(nn.Module):
+    """Networks of one config (and one crop) scored as one model: its outputs are their `mixture`."""
+
+    def __init__(self, members: Sequence[AgeModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return mixture([member(images) for member in self.members], self.config)
+
+
+AgeNetwork = AgeModel | AgeEnsemble  # what a checkpoint loads as: one network or an ensemble of them
+
+
+def networks(model: AgeNetwork) -> list[AgeModel]:
+    """The single networks of a model: itself, or an ensemble's members."""
+    return list(model.members) if isinstance(model, AgeEnsemble) else [model]
+
+
 def age_estimate(age_output: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Age in years (clamped to [0, max_age]) from the age head's output, and its standard deviation
     when the head gives one."""
@@ -232,26 +267,76 @@ def save_checkpoint(checkpoint: dict, uri: str, half: bool = False) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def load_checkpoint(uri: str) -> tuple[AgeModel, CropSettings, dict]:
-    """Model (eval mode, float32), the crop settings it was trained with, and the raw checkpoint."""
+def ensemble_checkpoint(checkpoints: Sequence[dict], sources: Sequence[str]) -> dict:
+    """One checkpoint holding several trained networks as an `AgeEnsemble`. They must share the model
+    config and the crop settings (the detector weights by file name): one preprocessing feeds them all."""
+    if len(checkpoints) < 2:
+        raise ValueError("an ensemble needs at least two checkpoints")
+    first, first_source = checkpoints[0], sources[0]
+    for checkpoint, source in zip(checkpoints, sources, strict=True):
+        if "members" in checkpoint:
+            raise ValueError(f"{source} is an ensemble already: give its member checkpoints instead")
+        if checkpoint["model_config"] != first["model_config"]:
+            raise ValueError(f"{source} has another model config than {first_source}: {checkpoint['model_config']}")
+        if _crop_identity(checkpoint["crop"]) != _crop_identity(first["crop"]):
+            raise ValueError(f"{source} was trained on other crops than {first_source}: {checkpoint['crop']}")
+    state = {
+        f"members.{index}.{name}": tensor
+        for index, checkpoint in enumerate(checkpoints)
+        for name, tensor in checkpoint["state_dict"].items()
+    }
+    shared = ("format", "model_config", "crop", "state_dict")
+    member_records = [
+        {"source": source, **{k: v for k, v in checkpoint.items() if k not in shared}}
+        for checkpoint, source in zip(checkpoints, sources, strict=True)
+    ]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": first["model_config"],
+        "crop": first["crop"],
+        "members": member_records,
+        "state_dict": state,
+    }
+
+
+def _file_name(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _crop_identity(crop: dict) -> dict:
+    weights = crop.get("detector_weights")
+    return {**crop, "detector_weights": _file_name(weights) if weights else weights}
+
+
+def read_checkpoint(uri: str) -> dict:
+    """A checkpoint's raw dict (tensors on the CPU as stored)."""
     checkpoint = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{uri} is not an agepipe checkpoint")
+    return checkpoint
+
+
+def load_checkpoint(uri: str) -> tuple[AgeNetwork, CropSettings, dict]:
+    """Model (eval mode, float32), the crop settings it was trained with, and the raw checkpoint."""
+    checkpoint = read_checkpoint(uri)
     config = from_dict(ModelConfig, checkpoint["model_config"])
-    model = AgeModel(config, backbone_weights=False)
+    members = checkpoint.get("members")
+    if members:
+        model = AgeEnsemble([AgeModel(config, backbone_weights=False) for _ in members])
+    else:
+        model = AgeModel(config, backbone_weights=False)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.eval()
     return model, recorded_crop_settings(checkpoint["crop"]), checkpoint
 
 
-def export_for_sharing(source: str, target: str, half: bool = True) -> dict:
-    """Copy a checkpoint for other machines: fp16 weights, and the detector weights recorded by
-    file name only (a local path from the training machine means nothing elsewhere)."""
-    checkpoint = torch.load(io.BytesIO(storage.read_bytes(source)), map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} is not an agepipe checkpoint")
+def export_for_sharing(sources: Sequence[str], target: str, half: bool = True) -> dict:
+    """Copy a checkpoint for other machines, or several as one ensemble: fp16 weights, and the detector
+    weights recorded by file name only (a local path from the training machine means nothing elsewhere)."""
+    checkpoints = [read_checkpoint(source) for source in sources]
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else ensemble_checkpoint(checkpoints, sources)
     weights = checkpoint["crop"].get("detector_weights")
     if weights and not storage.is_remote(weights):
-        checkpoint["crop"]["detector_weights"] = weights.replace("\\", "/").rsplit("/", 1)[-1]
+        checkpoint["crop"]["detector_weights"] = _file_name(weights)
     save_checkpoint(checkpoint, target, half=half)
     return checkpoint["crop"]

@@ -24,7 +24,7 @@ from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weig
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
 from agepipe.labels import GENDERS
-from agepipe.model import AgeModel, ModelConfig, age_estimate, load_checkpoint, model_input
+from agepipe.model import AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def resolve_detector_weights(crop: CropSettings) -> CropSettings:
 class TorchRuntime:
     """The network in eager PyTorch, on its device (the GPU path, and the reference), channels-last."""
 
-    def __init__(self, model: AgeModel, device: torch.device) -> None:
+    def __init__(self, model: AgeNetwork, device: torch.device) -> None:
         self.model = model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -68,7 +68,7 @@ class OnnxRuntime:
     opens a session on them, without rebuilding the PyTorch model (timm and torchvision imports,
     the export: 2 s of each actor's start)."""
 
-    def __init__(self, model: AgeModel, device: torch.device) -> None:
+    def __init__(self, model: AgeNetwork, device: torch.device) -> None:
         size = model.config.image_size
         buffer = io.BytesIO()
         with warnings.catch_warnings():
@@ -106,7 +106,7 @@ class OnnxRuntime:
 
 
 OUTPUT_NAMES = ["age", "group", "gender"]
-RUNTIMES: dict[str, Callable[[AgeModel, torch.device], Callable[[torch.Tensor], dict[str, torch.Tensor]]]] = {
+RUNTIMES: dict[str, Callable[[AgeNetwork, torch.device], Callable[[torch.Tensor], dict[str, torch.Tensor]]]] = {
     "torch": TorchRuntime,
     "onnx": OnnxRuntime,
 }
@@ -138,7 +138,7 @@ class Predictor:
         model, crop, checkpoint = load_checkpoint(self.model_uri)
         self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: AgeModel | None = model.to(self.device)
+        self.model: AgeNetwork | None = model.to(self.device)
         self.config: ModelConfig = model.config
         self.runtime_name = runtime or default_runtime(self.device)
         if self.runtime_name not in RUNTIMES:
@@ -189,19 +189,11 @@ class Predictor:
             both = self.runtime(torch.cat([images, images.flip(-1)]))
             outputs = {name: value[: len(images)] for name, value in both.items()}
             flipped = {name: value[len(images) :] for name, value in both.items()}
+            outputs = mixture([outputs, flipped], self.config)
         else:
             outputs = self.runtime(images)
         probabilities = {name: value.softmax(-1) for name, value in outputs.items() if name != "age"}
-        age_output = outputs["age"]
-        if self.flip_tta:
-            for name in probabilities:
-                probabilities[name] = (probabilities[name] + flipped[name].softmax(-1)) / 2
-            if self.config.age_head == "distribution":
-                mixed = (age_output.softmax(-1) + flipped["age"].softmax(-1)) / 2
-                age_output = mixed.log()
-            else:
-                age_output = (age_output + flipped["age"]) / 2
-        age, age_std = age_estimate(age_output, self.config)
+        age, age_std = age_estimate(outputs["age"], self.config)
         result = {"age": age, **probabilities}
         if age_std is not None:
             result["age_std"] = age_std

@@ -104,7 +104,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = str(out / DEFAULT_MODEL.name)
-    crop = export_for_sharing(str(run / "model.pt"), model)
+    crop = export_for_sharing([str(run / "model.pt")], model)
     split = pd.read_parquet(run / "split.parquet")
     split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
     split.to_parquet(out / "default_split.parquet", index=False)

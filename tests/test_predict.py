@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from skimage import data
 
 from agepipe.predict import Predictor
@@ -102,3 +103,68 @@ def test_recorded_detector_weights_are_found_in_the_weights_path_before_a_downlo
     monkeypatch.setenv("AGEPIPE_WEIGHTS_PATH", str(tmp_path / "a"))
     missing = CropSettings(detector="yunet", detector_weights="/elsewhere/face_detection_yunet.onnx")
     assert resolve_detector_weights(missing).detector_weights == DETECTOR_WEIGHT_URLS["yunet"]
+
+
+def _member_checkpoint(path, age_head: str, age_shift: float, seed: int, crop: dict | None = None) -> str:
+    """A small untrained network, its age output shifted so that its ages sit inside 0-100."""
+    import torch
+
+    from agepipe.config import CropSettings
+    from agepipe.model import AgeModel, ModelConfig, checkpoint_dict, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = ModelConfig("mobilenetv2_100", None, age_head, 100, 32, 0.0, 64)
+    network = AgeModel(config, backbone_weights=False)
+    with torch.no_grad():
+        if age_head == "regression":
+            network.age_head.bias.fill_(age_shift)
+        else:
+            network.age_head.bias.copy_(-((torch.arange(101.0) - age_shift) ** 2) / 50)
+    save_checkpoint(
+        checkpoint_dict(network, CropSettings(**(crop or {"detector": "none"})), {"val_mae": 9.0}), str(path)
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("age_head", ["regression", "distribution"])
+def test_an_exported_ensemble_scores_its_members_mean_age_and_mixed_probabilities(tmp_path, crops, age_head) -> None:
+    members = [_member_checkpoint(tmp_path / f"m{i}.pt", age_head, shift, i) for i, shift in enumerate((30, 50))]
+    ensemble = tmp_path / "ensemble.pt"
+    result = run_cli("export", "--model", *members, "--output", str(ensemble), "--full-precision")
+    assert result.returncode == 0 and "an ensemble of 2 models" in result.stdout, result.stderr[-2000:]
+    rows = {
+        runtime: Predictor(str(ensemble), runtime=runtime, flip_tta=False).predict_crops(crops)
+        for runtime in ("torch", "onnx")
+    }
+    member_rows = [Predictor(m, runtime="torch", flip_tta=False).predict_crops(crops) for m in members]
+    for index in range(len(crops)):
+        first, second = member_rows[0][index], member_rows[1][index]
+        assert abs(first["age"] - second["age"]) > 5  # the members disagree, so a mean is visible
+        for runtime_rows in rows.values():
+            row = runtime_rows[index]
+            assert row["age"] == pytest.approx((first["age"] + second["age"]) / 2, abs=1e-3)
+            for group, probability in row["age_group_probs"].items():
+                expected = (first["age_group_probs"][group] + second["age_group_probs"][group]) / 2
+                assert probability == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_ensemble_of_a_network_with_itself_explains_and_scores_as_the_network(tmp_path, crops) -> None:
+    from agepipe.explain import explain_crop
+    from agepipe.model import export_for_sharing
+
+    member = _member_checkpoint(tmp_path / "m.pt", "regression", 40, 0)
+    export_for_sharing([member, member], str(tmp_path / "twice.pt"), half=False)
+    alone = Predictor(member, runtime="torch", flip_tta=False)
+    twice = Predictor(str(tmp_path / "twice.pt"), runtime="torch", flip_tta=False)
+    assert [r["age"] for r in twice.predict_crops(crops)] == pytest.approx(
+        [r["age"] for r in alone.predict_crops(crops)]
+    )
+    np.testing.assert_allclose(explain_crop(twice, crops[0]), explain_crop(alone, crops[0]), atol=2)
+
+
+def test_networks_trained_on_other_crops_do_not_make_an_ensemble(tmp_path) -> None:
+    box = _member_checkpoint(tmp_path / "box.pt", "regression", 30, 0, {"detector": "yunet", "geometry": "box"})
+    landmarks = _member_checkpoint(tmp_path / "lm.pt", "regression", 30, 1, {"detector": "yunet"})
+    result = run_cli("export", "--model", box, landmarks, "--output", str(tmp_path / "e.pt"))
+    assert result.returncode == 2
+    assert "was trained on other crops than" in result.stderr and not (tmp_path / "e.pt").exists()
