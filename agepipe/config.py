@@ -208,6 +208,10 @@ def apply_overrides(settings: T, overrides: dict[str, Any], skip_none: bool = Tr
     return settings
 
 
+# Scoring takes every face of an image, whatever the model's crop keeps (the largest, whose label training had).
+SCORE_CROP_OVERRIDES = {"all_faces": True}
+
+
 @dataclass
 class ScoreSettings:
     """Batch scoring: images in, one prediction row per face out."""
@@ -215,8 +219,8 @@ class ScoreSettings:
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
     model: str | None = setting(None, help="checkpoint path or URI; unset: the bundled default model")
-    crop_overrides: dict[str, Any] = nested(dict, flags="crop")
-    largest_face_only: bool = setting(False, help="score only the largest face of each image")
+    crop_overrides: dict[str, Any] = nested(lambda: dict(SCORE_CROP_OVERRIDES), flags="crop")
+    largest_face_only: bool = setting(False, help="score only the largest face of each image (as --no-all-faces)")
     labels: LabelSettings = nested(LabelSettings)
     batch_size: int = setting(256, help="images per actor call and per forward pass")
     concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")

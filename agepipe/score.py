@@ -29,7 +29,7 @@ from agepipe.batch import (
     worker_count,
 )
 from agepipe.cluster import init_ray
-from agepipe.config import LabelSettings, ScoreSettings, to_dict
+from agepipe.config import SCORE_CROP_OVERRIDES, LabelSettings, ScoreSettings, to_dict
 from agepipe.faces import FACE_SCHEMA
 from agepipe.predict import PREDICTION_FIELDS, Predictor, prediction_columns
 
@@ -136,10 +136,12 @@ class ModelStageWorker(_LabelledOutput):
 
 
 def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predictor:
-    """The job's Predictor: the model's crop settings with the job's overrides; every face of an image
-    unless `largest_face_only` (the model's own crop keeps the largest, whose label training had)."""
-    overrides = {"all_faces": not settings.largest_face_only}
-    overrides.update({k: v for k, v in settings.crop_overrides.items() if v is not None})
+    """The job's Predictor: the model's crop settings with the job's overrides (every face of an image
+    unless `largest_face_only`)."""
+    given = {k: v for k, v in settings.crop_overrides.items() if v is not None}
+    overrides = {**SCORE_CROP_OVERRIDES, **given}  # also where a caller's own dict leaves all_faces out
+    if settings.largest_face_only:
+        overrides["all_faces"] = False
     return Predictor(
         settings.model,
         overrides,

@@ -116,3 +116,17 @@ def test_flag_for_gives_the_text_that_parses_back_to_the_value() -> None:
                         ("use_gpu", False), ("phase2_epochs", 3), ("backbone", "resnet18")]:  # fmt: skip
         parsed = _parse("train", *flag_for(fields[name], value).split())
         assert getattr(parsed, name) == value, (name, value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "all_faces"),
+    [((), True), (("--largest-face-only",), False), (("--no-all-faces",), False), (("--all-faces",), True)],
+)
+def test_score_takes_every_face_unless_told_and_its_help_says_so(model_path, flags, all_faces, capsys) -> None:
+    from agepipe.score import build_predictor
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--help"])
+    assert "every face of an image, not only the largest (default: on)" in " ".join(capsys.readouterr().out.split())
+    settings = _parse("score", "--model", model_path, "--detector", "none", *flags)
+    assert build_predictor(settings).crop.all_faces is all_faces
