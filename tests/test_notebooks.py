@@ -12,7 +12,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.mark.parametrize("name", ["eda.ipynb", "walkthrough.ipynb"])
-def test_notebook_runs_and_is_stored_without_outputs(name, utkface_dir, yunet_weights, tmp_path) -> None:
+def test_notebook_runs_and_is_stored_without_outputs(name, utkface_dir, yunet_weights, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's work folders go with the test's, not into /tmp
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
