@@ -248,6 +248,11 @@ class TrainSettings:
     image_size: int = setting(160, help="network input side in pixels")
     augmentation: str = setting("wild", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
     batch_size: int = setting(64, help="faces per step on each worker")
+    precision: str = setting(
+        "fp32",
+        help="the network's arithmetic in training (bf16: autocast, weights and losses in float32)",
+        choices="agepipe.train_loop:PRECISIONS",
+    )
     phase1_epochs: int = setting(0, help="epochs training the heads on the frozen backbone")
     phase2_epochs: int = setting(10, help="epochs training the unfrozen stages too")
     phase1_lr: float = setting(3e-3, help="phase 1 learning rate")

@@ -51,6 +51,17 @@ def multitask_loss(
     return loss, predicted
 
 
+# The dtype `autocast` runs the network in, by `TrainSettings.precision`; None: float32 throughout.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device_type: str) -> torch.autocast:
+    """The network's forward pass in the precision's dtype (a no-op for fp32); the weights, their
+    gradients and the optimizer stay float32."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over rows with a label (target -1 means unknown)."""
     known = target >= 0
@@ -209,7 +220,9 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
     for raw in batches:
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
         with torch.set_grad_enabled(train):
-            outputs = state.model(batch["image"])
+            with autocast(settings.precision, device.type):
+                outputs = state.model(batch["image"])
+            outputs = {name: value.float() for name, value in outputs.items()}
             loss, predicted = multitask_loss(model, outputs, batch, settings)
         if train:
             state.optimizer.zero_grad(set_to_none=True)

@@ -1,9 +1,10 @@
 """Training throughput: Ray Train (DDP workers fed by Ray Data) vs a plain single-process PyTorch
 loop with the same model, data, augmentation and batch size, side by side in one run.
 
-    .venv/bin/python benchmarks/train.py [--images 2000] [--repeats 3] [--workers 1 2]
+    .venv/bin/python benchmarks/train.py [--images 2000] [--repeats 3] [--workers 1 2] [--precisions fp32 bf16]
 
-Both sides do phase-2 steps (top stages unfrozen). Writes results/train.md and results/train.json.
+Both sides do phase-2 steps (top stages unfrozen), in each training precision asked for. Writes
+results/<name>.md and results/<name>.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from agepipe.config import CropJobSettings, CropSettings, LabelSettings, TrainSe
 from agepipe.crop import run_crop  # noqa: E402
 from agepipe.model import AgeModel, freeze_backbone, set_train_mode  # noqa: E402
 from agepipe.train import run_training  # noqa: E402
-from agepipe.train_loop import model_config, multitask_loss  # noqa: E402
+from agepipe.train_loop import PRECISIONS, autocast, model_config, multitask_loss  # noqa: E402
 
 
 def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
@@ -45,7 +46,9 @@ def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
     for start in range(0, len(table), settings.batch_size):
         rows = table.iloc[start : start + settings.batch_size]
         batch = to_tensors({c: rows[c].to_numpy() for c in rows}, transform, model.config.groups)
-        loss, _ = multitask_loss(model, model(batch["image"]), batch, settings)
+        with autocast(settings.precision, "cpu"):
+            outputs = model(batch["image"])
+        loss, _ = multitask_loss(model, {k: v.float() for k, v in outputs.items()}, batch, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to measure")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=sorted(PRECISIONS))
+    parser.add_argument("--name", default="train", help="results file name under benchmarks/results")
     args = parser.parse_args()
 
     import ray
@@ -84,20 +89,25 @@ def main() -> None:
             min_per_age=0,
             max_failures=0,
         )
-        ray_runs: dict[int, list[float]] = {workers: [] for workers in args.workers}
-        plain_runs = []
+        ray_runs: dict[tuple[str, int], list[float]] = {
+            (precision, workers): [] for precision in args.precisions for workers in args.workers
+        }
+        plain_runs: dict[str, list[float]] = {precision: [] for precision in args.precisions}
         for repeat in range(args.repeats):
-            for workers in args.workers:
+            for precision, workers in ray_runs:
                 settings = dataclasses.replace(
-                    base, num_workers=workers, output=str(Path(scratch) / f"run-{workers}-{repeat}")
+                    base,
+                    num_workers=workers,
+                    precision=precision,
+                    output=str(Path(scratch) / f"run-{precision}-{workers}-{repeat}"),
                 )
                 run_training(settings)
                 history = pd.read_csv(Path(settings.output) / "metrics.csv")
-                ray_runs[workers].append(float(history["train_images_per_s"].iloc[0]))
-            plain_runs.append(plain_loop(base, data, args.images))
-            print({"ray": {w: r[-1] for w, r in ray_runs.items()}, "plain": plain_runs[-1]}, flush=True)
+                ray_runs[precision, workers].append(float(history["train_images_per_s"].iloc[0]))
+            for precision, runs in plain_runs.items():
+                runs.append(plain_loop(dataclasses.replace(base, precision=precision), data, args.images))
+            print({"ray": {k: r[-1] for k, r in ray_runs.items()}, "plain": {k: r[-1] for k, r in plain_runs.items()}})
     ray.shutdown()
-    plain_ips = median(plain_runs)
     cpus = os.cpu_count() or 1
     rows = [
         {
@@ -105,22 +115,24 @@ def main() -> None:
             "backbone": base.backbone,
             "image size": base.image_size,
             "batch": base.batch_size,
+            "precision": precision,
             "runs": args.repeats,
             "ray workers x threads": f"{workers} x {max(1, cpus // workers)}",
             "ray train images/s": median(runs),
-            "plain loop images/s": plain_ips,
-            "ray / plain": median(runs) / plain_ips,
+            "plain loop images/s": median(plain_runs[precision]),
+            "ray / plain": median(runs) / median(plain_runs[precision]),
         }
-        for workers, runs in ray_runs.items()
+        for (precision, workers), runs in ray_runs.items()
     ]
     notes = [
         f"{cpus} CPUs. Ray Train: DDP workers (gloo) with the CPUs split between them as threads; data through "
         "Ray Data (read, split filter, full shuffle; decode and augmentation in the workers). "
         f"`agepipe train` defaults to {TrainSettings().num_workers} worker(s).",
         "Plain: one process, all CPUs for torch, rows already in memory, same decode and augmentation.",
-        "Both: phase-2 steps (top stages unfrozen, BatchNorm frozen), AdamW; medians of `runs` runs.",
+        "Both: phase-2 steps as the defaults train (every stage and its BatchNorm), AdamW; medians of `runs` runs.",
+        "Precision: `TrainSettings.precision` (bf16: the network under torch.autocast, float32 weights).",
     ]
-    write_results("train", rows, notes)
+    write_results(args.name, rows, notes)
 
 
 if __name__ == "__main__":

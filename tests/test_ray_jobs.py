@@ -111,7 +111,8 @@ def test_crop_train_and_score_as_ray_jobs(head, utkface_dir, yunet_weights) -> N
            "--detector", "yunet", "--detector-weights", yunet_weights)  # fmt: skip
     assert len(pd.read_parquet(faces, columns=["path"])["path"].unique()) == 200
     submit(env, "jobs/train.py", "--data", str(faces), "--output", str(run), "--phase1-epochs", "1",
-           "--phase2-epochs", "0", "--image-size", "64", "--num-workers", "1", "--min-per-age", "1")  # fmt: skip
+           "--phase2-epochs", "0", "--image-size", "64", "--num-workers", "1", "--min-per-age", "1",
+           "--precision", "bf16")  # fmt: skip
     assert (run / "model.pt").is_file()
     submit(env, "jobs/score.py", "--input", str(images), "--output", str(scores), "--model", str(run / "model.pt"))
     scored = pd.read_parquet(scores)

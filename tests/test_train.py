@@ -18,10 +18,10 @@ from helpers import TINY_RUN, registered_checkpoints, run_cli
 
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import group_index
-from agepipe.model import load_checkpoint, normalize_uint8
+from agepipe.model import AgeModel, load_checkpoint, normalize_uint8
 from agepipe.train import require_gpus
 from agepipe.train_data import balancing_weights, stratified_split, usable_rows
-from agepipe.train_loop import LR_SCHEDULES, step_schedule, warmup_schedule
+from agepipe.train_loop import LR_SCHEDULES, autocast, model_config, multitask_loss, step_schedule, warmup_schedule
 from agepipe.tune import search_space
 
 
@@ -85,6 +85,36 @@ def test_normalize_uint8_is_todtype_and_normalize_in_one_pass() -> None:
     torch.testing.assert_close(normalized, reference(channels_last), rtol=0, atol=1e-5)
     torch.testing.assert_close(normalize_uint8(channels_last[0]), reference(channels_last[0]), rtol=0, atol=1e-5)
     assert pixels.dtype == torch.uint8 and int(pixels.max()) > 200  # the input is left alone
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_training_precision_sets_the_networks_dtype_and_steps_still_lower_the_loss(precision, dtype) -> None:
+    torch.manual_seed(0)
+    settings = TrainSettings(pretrained=None, image_size=64, dense_units=32, dropout=0.0, precision=precision)
+    model = AgeModel(model_config(settings))
+    model.train()
+    seen: list[torch.dtype] = []
+    model.backbone.conv_stem.register_forward_hook(lambda _m, _i, output: seen.append(output.dtype))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ages = torch.tensor([3.0, 20.0, 35.0, 70.0] * 4)
+    batch = {
+        "image": torch.randn(16, 3, 64, 64),
+        "age": ages,
+        "group": torch.tensor([group_index(float(a), AgeGroups()) for a in ages]),
+        "gender": torch.tensor([0, 1] * 8),
+    }
+    losses = []
+    for _ in range(8):
+        with autocast(settings.precision, "cpu"):
+            outputs = model(batch["image"])
+        loss, _ = multitask_loss(model, {k: v.float() for k, v in outputs.items()}, batch, settings)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_lr_schedules_by_name() -> None:
