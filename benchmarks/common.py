@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import statistics
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 from PIL import Image
 
 from agepipe.config import shared_data_dir
+from agepipe.metrics import metrics_summary
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -84,6 +87,35 @@ class PeakMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def test_split_crops(faces: str, split_file: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The split's test faces as the crop dataset holds them: their label columns as `metrics` names
+    them, and their crops (RGB uint8)."""
+    split = pd.read_parquet(split_file)
+    frame = pd.read_parquet(faces, columns=["path", "image", "age", "gender", "race", "age_group", "error"])
+    frame["name"] = frame["path"].str.rsplit("/", n=1).str[-1]
+    frame = frame[frame["error"].isna()].merge(split.loc[split["split"] == "test", ["name"]], on="name")
+    labels = {"age": "label_age", "gender": "label_gender", "race": "label_race", "age_group": "label_age_group"}
+    frame = frame.rename(columns=labels).reset_index(drop=True)
+    crops = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in frame["image"]]
+    return frame.drop(columns="image"), crops
+
+
+def test_split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
+    """The model card's test-split metrics from a Predictor's predictions for `test_split_crops`."""
+    summary = metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
+    races = pd.DataFrame(summary["by_race"])
+    groups = pd.DataFrame(summary["by_age_group"]).set_index("group")
+    return {
+        "faces": summary["faces"],
+        "MAE": summary["age"]["mae"],
+        "bias": summary["age"]["bias"],
+        "age-group acc": summary["age_group"]["accuracy"],
+        "gender acc": summary["gender"]["accuracy"],
+        "61+ MAE": groups.loc["Senior", "mae"],
+        "worst race / overall": races["mae"].max() / summary["age"]["mae"],
+    }
 
 
 def median(values: list[float]) -> float:

@@ -12,48 +12,22 @@ the input size).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_results  # noqa: E402
+from common import test_split_crops, test_split_row, write_results  # noqa: E402
 
-from agepipe.metrics import metrics_summary  # noqa: E402
 from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
-
-
-def test_faces(faces: str, split_file: str) -> pd.DataFrame:
-    """The split's test faces: their crops and label columns as `metrics` names them."""
-    split = pd.read_parquet(split_file)
-    frame = pd.read_parquet(faces, columns=["path", "image", "age", "gender", "race", "age_group", "error"])
-    frame["name"] = frame["path"].str.rsplit("/", n=1).str[-1]
-    frame = frame[frame["error"].isna()].merge(split.loc[split["split"] == "test", ["name"]], on="name")
-    labels = {"age": "label_age", "gender": "label_gender", "race": "label_race", "age_group": "label_age_group"}
-    return frame.rename(columns=labels).reset_index(drop=True)
 
 
 def scored_at(predictor: Predictor, crops: list[np.ndarray], frame: pd.DataFrame, size: int) -> dict:
     predictor.config.image_size = size
-    predictions = pd.DataFrame(predictor.predict_crops(crops))
-    summary = metrics_summary(pd.concat([frame.drop(columns="image"), predictions], axis=1))
-    races = pd.DataFrame(summary["by_race"])
-    groups = pd.DataFrame(summary["by_age_group"]).set_index("group")
-    return {
-        "input px": size,
-        "faces": summary["faces"],
-        "MAE": summary["age"]["mae"],
-        "bias": summary["age"]["bias"],
-        "age-group acc": summary["age_group"]["accuracy"],
-        "gender acc": summary["gender"]["accuracy"],
-        "61+ MAE": groups.loc["Senior", "mae"],
-        "worst race / overall": races["mae"].max() / summary["age"]["mae"],
-    }
+    return {"input px": size, **test_split_row(predictor.predict_crops(crops), frame)}
 
 
 def main() -> None:
@@ -65,8 +39,7 @@ def main() -> None:
     parser.add_argument("--name", default="input-size", help="results file name under benchmarks/results")
     args = parser.parse_args()
 
-    frame = test_faces(args.faces, args.split)
-    crops = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in frame["image"]]
+    frame, crops = test_split_crops(args.faces, args.split)
     predictor = Predictor(args.model, runtime="torch")
     trained = predictor.config.image_size
     rows = [scored_at(predictor, crops, frame, size) for size in args.sizes]

@@ -1,0 +1,57 @@
+"""Ensembles: trained networks scored as one model (`agepipe export --model A B ...`), beside each alone.
+
+    .venv/bin/python benchmarks/ensemble.py --faces out/faces-landmarks --models A.pt B.pt [C.pt ...]
+
+Each model alone and every combination of two or more of them, exported as an ensemble checkpoint with
+`model.export_for_sharing` as the command does, scored on the same held-out test faces as the crop dataset
+holds them (aligned), flip TTA off. The models must share one split (`--split`, the test faces) and, for
+an ensemble, one crop and model config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import test_split_crops, test_split_row, write_results  # noqa: E402
+
+from agepipe.model import export_for_sharing  # noqa: E402
+from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--faces", required=True, help="the crop dataset the models were trained from")
+    parser.add_argument("--models", nargs="+", required=True, help="checkpoints, named in the table by their place")
+    parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
+    parser.add_argument("--name", default="ensemble", help="results file name under benchmarks/results")
+    args = parser.parse_args()
+
+    frame, crops = test_split_crops(args.faces, args.split)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in range(1, len(args.models) + 1):
+            for members in itertools.combinations(range(len(args.models)), size):
+                model = args.models[members[0]]
+                if size > 1:
+                    model = str(Path(scratch) / f"ensemble-{'-'.join(map(str, members))}.pt")
+                    export_for_sharing([args.models[i] for i in members], model)
+                predictions = Predictor(model, flip_tta=False).predict_crops(crops)
+                rows.append({"models": " + ".join(str(i + 1) for i in members), **test_split_row(predictions, frame)})
+                print(rows[-1], flush=True)
+    notes = [
+        f"`python benchmarks/ensemble.py --faces {args.faces} --models {' '.join(args.models)}`",
+        "models: " + "; ".join(f"{i + 1}: `{model}`" for i, model in enumerate(args.models)),
+        "the test split's faces as the crop dataset holds them (aligned), flip TTA off; an ensemble runs "
+        "each of its networks on every face (its model time is the sum of theirs)",
+    ]
+    write_results(args.name, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
