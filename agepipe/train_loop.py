@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from agepipe.augment import image_transform, to_tensors
 from agepipe.config import CropSettings, TrainSettings, from_dict
@@ -51,15 +52,17 @@ def multitask_loss(
     return loss, predicted
 
 
-# The dtype `autocast` runs the network in, by `TrainSettings.precision`; None: float32 throughout.
+# The dtype torch.autocast runs the network in, by `TrainSettings.precision`; None: float32 throughout.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def autocast(precision: str, device_type: str) -> torch.autocast:
-    """The network's forward pass in the precision's dtype (a no-op for fp32); the weights, their
-    gradients and the optimizer stay float32."""
+def network_outputs(model: nn.Module, images: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
+    """The network's outputs, as float32, from a forward pass in the precision's dtype (autocast; none for
+    fp32); the weights, their gradients, the optimizer and the losses stay float32."""
     dtype = PRECISIONS[precision]
-    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(images)
+    return {name: value.float() for name, value in outputs.items()}
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -220,9 +223,7 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
     for raw in batches:
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
         with torch.set_grad_enabled(train):
-            with autocast(settings.precision, device.type):
-                outputs = state.model(batch["image"])
-            outputs = {name: value.float() for name, value in outputs.items()}
+            outputs = network_outputs(state.model, batch["image"], settings.precision)
             loss, predicted = multitask_loss(model, outputs, batch, settings)
         if train:
             state.optimizer.zero_grad(set_to_none=True)

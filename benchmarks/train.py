@@ -3,7 +3,7 @@ loop with the same model, data, augmentation and batch size, side by side in one
 
     .venv/bin/python benchmarks/train.py [--images 2000] [--repeats 3] [--workers 1 2] [--precisions fp32 bf16]
 
-Both sides do phase-2 steps (top stages unfrozen), in each training precision asked for. Writes
+Both sides do phase-2 steps as the defaults train them, in each training precision asked for. Writes
 results/<name>.md and results/<name>.json.
 """
 
@@ -29,7 +29,7 @@ from agepipe.config import CropJobSettings, CropSettings, LabelSettings, TrainSe
 from agepipe.crop import run_crop  # noqa: E402
 from agepipe.model import AgeModel, freeze_backbone, set_train_mode  # noqa: E402
 from agepipe.train import run_training  # noqa: E402
-from agepipe.train_loop import PRECISIONS, autocast, model_config, multitask_loss  # noqa: E402
+from agepipe.train_loop import PRECISIONS, model_config, multitask_loss, network_outputs  # noqa: E402
 
 
 def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
@@ -46,9 +46,8 @@ def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
     for start in range(0, len(table), settings.batch_size):
         rows = table.iloc[start : start + settings.batch_size]
         batch = to_tensors({c: rows[c].to_numpy() for c in rows}, transform, model.config.groups)
-        with autocast(settings.precision, "cpu"):
-            outputs = model(batch["image"])
-        loss, _ = multitask_loss(model, {k: v.float() for k, v in outputs.items()}, batch, settings)
+        outputs = network_outputs(model, batch["image"], settings.precision)
+        loss, _ = multitask_loss(model, outputs, batch, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -21,7 +21,14 @@ from agepipe.labels import group_index
 from agepipe.model import AgeModel, load_checkpoint, normalize_uint8
 from agepipe.train import require_gpus
 from agepipe.train_data import balancing_weights, stratified_split, usable_rows
-from agepipe.train_loop import LR_SCHEDULES, autocast, model_config, multitask_loss, step_schedule, warmup_schedule
+from agepipe.train_loop import (
+    LR_SCHEDULES,
+    model_config,
+    multitask_loss,
+    network_outputs,
+    step_schedule,
+    warmup_schedule,
+)
 from agepipe.tune import search_space
 
 
@@ -105,9 +112,9 @@ def test_training_precision_sets_the_networks_dtype_and_steps_still_lower_the_lo
     }
     losses = []
     for _ in range(8):
-        with autocast(settings.precision, "cpu"):
-            outputs = model(batch["image"])
-        loss, _ = multitask_loss(model, {k: v.float() for k, v in outputs.items()}, batch, settings)
+        outputs = network_outputs(model, batch["image"], settings.precision)
+        assert all(value.dtype == torch.float32 for value in outputs.values())
+        loss, _ = multitask_loss(model, outputs, batch, settings)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
