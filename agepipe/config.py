@@ -242,6 +242,11 @@ class TrainSettings:
     pretrained: str | None = setting(
         "default", help="backbone weights: default, hub, none, or a path/URI", none_word="none"
     )
+    initial_checkpoint: str | None = setting(
+        None,
+        help="fine-tune: start from this agepipe checkpoint's network (path/URI, or default: the bundled "
+        "model) instead of --pretrained backbone weights; its backbone, heads and groups must match",
+    )
     age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
     dense_units: int = setting(512, help="units of the shared dense layer")
     dropout: float = setting(0.3, help="dropout before the heads")

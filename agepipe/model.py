@@ -15,6 +15,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from agepipe.config import AgeGroups, CropSettings, from_dict, recorded_crop_set
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
 AGE_HEADS = ("distribution", "regression")
 
 
@@ -325,9 +327,35 @@ def load_checkpoint(uri: str) -> tuple[AgeNetwork, CropSettings, dict]:
         model = AgeEnsemble([AgeModel(config, backbone_weights=False) for _ in members])
     else:
         model = AgeModel(config, backbone_weights=False)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
+    model.load_state_dict(float_state(checkpoint["state_dict"]))
     model.eval()
     return model, recorded_crop_settings(checkpoint["crop"]), checkpoint
+
+
+def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with its floating tensors in float32 (shipped checkpoints store fp16)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+# What must match for a checkpoint's weights to load into a new network; input size and dropout may differ.
+NETWORK_SHAPE_FIELDS = ("backbone", "age_head", "max_age", "dense_units", "groups")
+
+
+def initial_state(uri: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A trained network's weights (float32) to start a training run from: fine-tuning. Refuses a
+    checkpoint whose network has another shape than `config` builds, naming the settings that differ."""
+    checkpoint = read_checkpoint(uri)
+    if checkpoint.get("members"):
+        raise ValueError(f"{uri} is an ensemble: start from one of its member checkpoints")
+    recorded = from_dict(ModelConfig, checkpoint["model_config"])
+    differences = [
+        f"{name} {getattr(recorded, name)!r} (these settings: {getattr(config, name)!r})"
+        for name in NETWORK_SHAPE_FIELDS
+        if getattr(recorded, name) != getattr(config, name)
+    ]
+    if differences:
+        raise ValueError(f"{uri} holds another network than these settings build: " + "; ".join(differences))
+    return float_state(checkpoint["state_dict"])
 
 
 def export_for_sharing(sources: Sequence[str], target: str, half: bool = True) -> dict:

@@ -24,11 +24,9 @@ from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weig
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
 from agepipe.labels import GENDERS
-from agepipe.model import AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input
+from agepipe.model import DEFAULT_MODEL, AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
 
 
 def resolve_detector_weights(crop: CropSettings) -> CropSettings:

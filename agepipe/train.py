@@ -20,9 +20,9 @@ from agepipe import storage
 from agepipe.cluster import init_ray
 from agepipe.config import CropSettings, TrainSettings, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
-from agepipe.model import save_checkpoint
+from agepipe.model import DEFAULT_MODEL, initial_state, save_checkpoint
 from agepipe.train_data import plan_dataset, split_dataset
-from agepipe.train_loop import train_loop_per_worker
+from agepipe.train_loop import model_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
 
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
+    if settings.initial_checkpoint:
+        initial_state(settings.initial_checkpoint, model_config(settings))  # a mismatch fails here, not in workers
     init_ray(log_to_driver=True)
     require_gpus(settings, ray.cluster_resources().get("GPU", 0))
     # Per-epoch metrics are the progress report; Data's bars from inside workers would flood the log.
@@ -144,8 +146,15 @@ def with_absolute_paths(settings: TrainSettings) -> TrainSettings:
     pretrained = settings.pretrained
     if pretrained not in (None, "default", "hub"):
         pretrained = storage.absolute(pretrained)
+    initial = settings.initial_checkpoint
+    if initial is not None:
+        initial = str(DEFAULT_MODEL) if initial == "default" else storage.absolute(initial)
     return dataclasses.replace(
-        settings, data=storage.absolute(settings.data), output=storage.absolute(settings.output), pretrained=pretrained
+        settings,
+        data=storage.absolute(settings.data),
+        output=storage.absolute(settings.output),
+        pretrained=pretrained,
+        initial_checkpoint=initial,
     )
 
 

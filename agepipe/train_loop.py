@@ -22,7 +22,16 @@ from torch import nn
 
 from agepipe.augment import image_transform, to_tensors
 from agepipe.config import CropSettings, TrainSettings, from_dict
-from agepipe.model import AgeModel, ModelConfig, age_estimate, checkpoint_dict, freeze_backbone, set_train_mode, unwrap
+from agepipe.model import (
+    AgeModel,
+    ModelConfig,
+    age_estimate,
+    checkpoint_dict,
+    freeze_backbone,
+    initial_state,
+    set_train_mode,
+    unwrap,
+)
 
 
 def age_targets(ages: torch.Tensor, max_age: int, sigma: float) -> torch.Tensor:
@@ -292,8 +301,10 @@ def train_loop_per_worker(config: dict) -> None:
     if not settings.use_gpu:
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     device = ray.train.torch.get_device()
-    model = AgeModel(model_config(settings))
-    if settings.age_head == "regression":
+    model = AgeModel(model_config(settings), backbone_weights=settings.initial_checkpoint is None)
+    if settings.initial_checkpoint:
+        model.load_state_dict(initial_state(settings.initial_checkpoint, model_config(settings)))
+    elif settings.age_head == "regression":
         # Start at the training split's mean age, so phase 1 need not spend its epoch moving a bias there.
         torch.nn.init.constant_(model.age_head.bias, float(config.get("mean_train_age", 0.0)))
     model = model.to(memory_format=torch.channels_last)

@@ -27,8 +27,7 @@ from wild import evaluate_wild  # noqa: E402
 from agepipe.cli import flag_for
 from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
-from agepipe.model import export_for_sharing, load_checkpoint
-from agepipe.predict import DEFAULT_MODEL
+from agepipe.model import DEFAULT_MODEL, export_for_sharing, load_checkpoint
 from agepipe.score import run_score
 
 WEIGHTS = DEFAULT_MODEL.parent

@@ -16,7 +16,9 @@ from agepipe.model import (
     backbone_stages,
     checkpoint_dict,
     create_backbone,
+    ensemble_checkpoint,
     freeze_backbone,
+    initial_state,
     load_checkpoint,
     resize_uint8,
     save_checkpoint,
@@ -134,3 +136,22 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path, model: AgeModel) -> N
         before, after = model(images), loaded(images)
     for head in before:
         assert torch.equal(before[head], after[head])
+
+
+def test_initial_state_starts_from_a_trained_network_of_the_same_shape_only(tmp_path, model: AgeModel) -> None:
+    path = tmp_path / "trained.pt"
+    checkpoint = checkpoint_dict(model, CropSettings())
+    save_checkpoint(checkpoint, str(path), half=True)
+    # Another input size and dropout are fine-tuning choices; the weights load as float32.
+    config = model_config(TrainSettings(image_size=192, dropout=0.1))
+    state = initial_state(str(path), config)
+    fresh = AgeModel(config, backbone_weights=False)
+    fresh.load_state_dict(state)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert torch.equal(fresh.age_head.weight, model.age_head.weight.half().float())
+    with pytest.raises(ValueError, match=r"age_head 'regression' \(these settings: 'distribution'\); dense_units 512"):
+        initial_state(str(path), model_config(TrainSettings(dense_units=256, age_head="distribution")))
+    ensemble = tmp_path / "ensemble.pt"
+    save_checkpoint(ensemble_checkpoint([checkpoint, checkpoint], ["a.pt", "b.pt"]), str(ensemble))
+    with pytest.raises(ValueError, match="is an ensemble"):
+        initial_state(str(ensemble), config)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import decode
-from agepipe.predict import DEFAULT_MODEL
+from agepipe.model import DEFAULT_MODEL
 from agepipe.score import build_predictor, cropped_rows, run_score, score_rows
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_group", "gender", "error"}

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from wild import evaluate_wild, face_free_set  # noqa: E402
 
 from agepipe.detectors import create_detector  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
 
 
 @pytest.mark.parametrize("detector", ["yunet", "dlib"])
