@@ -1,9 +1,9 @@
 """A cluster that loses a node, simulated on this machine (`ray.cluster_utils.Cluster`, real node kills).
 
-Crop and score: a worker node killed early, in the middle and while the last files are written; every
-input must be in the output and no (path, face_index) twice. Train and Tune: the node holding the
-training worker killed after the first checkpoint; the run must finish from that checkpoint with every
-epoch once."""
+Crop and score: one run each that loses a worker node early, another in the middle and a third while
+the last files are written; every input must be in the output and no (path, face_index) twice. Train
+and Tune: the node holding the training worker killed after the first checkpoint; the run must finish
+from that checkpoint with every epoch once."""
 
 from __future__ import annotations
 
@@ -75,9 +75,11 @@ def parquet_files(folder: Path) -> int:
     return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
 
 
-def run_with_a_node_killed(cluster, workers, command: list[str], output: Path, kill_after_files: int) -> int:
-    """Run `agepipe COMMAND` against the cluster; kill a worker node once the output holds
-    `kill_after_files` Parquet files (0: as soon as the job has started its actors)."""
+def run_with_nodes_killed(cluster, workers, command: list[str], output: Path, kill_points: tuple[int, ...]) -> None:
+    """Run `agepipe COMMAND` against the cluster and kill a worker node each time the output holds the next
+    of `kill_points` Parquet files (0: once the job has started its actors). Each killed node is replaced
+    at once, and the kills alternate between the two worker slots, so every kill after the first lands on
+    a node that has been running the job's restarted actors."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     process = subprocess.Popen(
         [sys.executable, "-m", "agepipe.cli", *command],
@@ -88,15 +90,16 @@ def run_with_a_node_killed(cluster, workers, command: list[str], output: Path, k
     )
     deadline = time.monotonic() + 300
     started = time.monotonic()
-    while time.monotonic() < deadline and process.poll() is None:
-        ready = parquet_files(output) >= kill_after_files if kill_after_files else time.monotonic() - started > 8
-        if ready:
-            cluster.remove_node(workers[0], allow_graceful=False)
-            break
+    pending, slot = list(kill_points), 0
+    while pending and time.monotonic() < deadline and process.poll() is None:
+        if parquet_files(output) >= pending[0] if pending[0] else time.monotonic() - started > 8:
+            cluster.remove_node(workers[slot], allow_graceful=False)
+            workers[slot] = cluster.add_node(num_cpus=WORKER_CPUS)
+            slot, pending = 1 - slot, pending[1:]
         time.sleep(0.05)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
-    return process.returncode
+    assert not pending, f"the job ended before its node kills at {pending} files"
 
 
 def assert_exactly_once(output: Path, images: Path) -> pd.DataFrame:
@@ -108,27 +111,29 @@ def assert_exactly_once(output: Path, images: Path) -> pd.DataFrame:
     return frame
 
 
-@pytest.mark.parametrize("kill_after_files", [0, IMAGES // BATCH // 2, IMAGES // BATCH - 3])
-def test_crop_is_exactly_once_when_a_worker_node_dies(cluster, images, yunet_weights, tmp_path, kill_after_files):
+# Early (actors starting), in the middle, and while the last files are written: one run, three nodes lost.
+KILL_POINTS = (0, IMAGES // BATCH // 2, IMAGES // BATCH - 3)
+
+
+def test_crop_is_exactly_once_when_worker_nodes_die(cluster, images, yunet_weights, tmp_path):
     output = tmp_path / "faces"
     cluster_handle, workers = cluster
     command = ["crop", "--input", str(images), "--output", str(output), "--labels", "utkface",
                "--detector", "yunet", "--detector-weights", yunet_weights, "--batch-size", str(BATCH)]  # fmt: skip
-    run_with_a_node_killed(cluster_handle, workers, command, output, kill_after_files)
+    run_with_nodes_killed(cluster_handle, workers, command, output, KILL_POINTS)
     frame = assert_exactly_once(output, images)
     assert len(frame) >= IMAGES
     assert not list(output.glob("_tmp-*")), "a temporary file was left behind"
 
 
-@pytest.mark.parametrize("kill_after_files", [0, IMAGES // BATCH // 2, IMAGES // BATCH - 3])
-def test_score_is_exactly_once_when_a_worker_node_dies(cluster, images, model_path, tmp_path, kill_after_files):
+def test_score_is_exactly_once_when_worker_nodes_die(cluster, images, model_path, tmp_path):
     output = tmp_path / "scores"
     settings = tmp_path / "score.yaml"
-    settings.write_text(f"rows_per_file: {BATCH}\n")  # a file a batch, so that the kill can land between writes
+    settings.write_text(f"rows_per_file: {BATCH}\n")  # a file a batch, so that the kills land between writes
     cluster_handle, workers = cluster
     command = ["score", "--input", str(images), "--output", str(output), "--model", model_path,
                "--detector", "none", "--batch-size", str(BATCH), "--config", str(settings)]  # fmt: skip
-    run_with_a_node_killed(cluster_handle, workers, command, output, kill_after_files)
+    run_with_nodes_killed(cluster_handle, workers, command, output, KILL_POINTS)
     frame = assert_exactly_once(output, images)
     assert len(frame) == IMAGES and frame["error"].isna().all()
 
