@@ -3,10 +3,11 @@
 Crop and score: one run each that loses a worker node early, another in the middle and a third while
 the last files are written; every input must be in the output and no (path, face_index) twice. Train
 and Tune: the node holding the training worker killed after the first checkpoint; the run must finish
-from that checkpoint with every epoch once."""
+from that checkpoint with every epoch once, and Tune's ASHA must still stop the trial that is behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from helpers import TINY_RUN, registered_checkpoints
 
 from agepipe.cluster import recorded_address_file
+from agepipe.model import load_checkpoint
 
 pytestmark = pytest.mark.slow
 IMAGES = 120
@@ -152,12 +154,12 @@ def node_running(nodes: list, process_marker: str):
 
 
 def kill_training_node_after_first_checkpoint(
-    cluster, workers, command: list[str], runs: Path, timeout: float = 420
+    cluster, workers, command: list[str], runs: Path, timeout: float = 420, cwd: Path | None = None
 ) -> str:
     """Run `agepipe COMMAND`; once a Ray Train run under `runs` has registered a checkpoint, kill the
     worker node that holds its training worker. Returns the command's output."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    process = subprocess.Popen([sys.executable, "-m", "agepipe.cli", *command], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "agepipe.cli", *command], env=env, cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + timeout
     killed = None
@@ -191,12 +193,26 @@ def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(clust
     assert (output / "model.pt").is_file()
 
 
-def test_tune_trial_finishes_from_its_checkpoint_when_its_node_dies(cluster, small_faces, tmp_path):
+def test_tune_trial_resumes_after_its_node_dies_and_asha_stops_the_trial_behind(cluster, small_faces, tmp_path):
+    # Two trials, one after another: a sane phase-1 rate, whose node dies after its first checkpoint, then
+    # one far too high, which is behind at ASHA's first rung (grace period 1, reduction factor 3) and is
+    # stopped there. Relative paths as a user types them: every trial runs in a directory of its own.
     cluster_handle, workers = cluster
+    (tmp_path / "space.yaml").write_text(
+        "search_space:\n  phase1_lr: {grid: [0.003, 3.0]}\n  dropout: {uniform: [0.1, 0.5]}\n"
+    )
     output = tmp_path / "tune"
-    command = ["tune", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN, "--num-samples", "1"]
-    out = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
-    assert out.count("'epoch': 0,") == 1, "the trial started over instead of resuming"
+    command = ["tune", "--config", "space.yaml", "--data", os.path.relpath(small_faces, tmp_path), "--output", "tune",
+               *NODE_LOSS_RUN, "--num-samples", "1", "--max-concurrent-trials", "1"]  # fmt: skip
+    out = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output, cwd=tmp_path)
+    assert out.count("'epoch': 0,") == 2, "a trial started over instead of resuming"
+    best = json.loads((output / "best_config.json").read_text())
+    assert set(best["config"]) == {"phase1_lr", "dropout"} and best["config"]["phase1_lr"] == 0.003
     trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 1 and trials["iterations_run"].iloc[0] == 2
+    assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
+    iterations = dict(zip(trials["config/searched/phase1_lr"], trials["iterations_run"], strict=True))
+    assert iterations == {0.003: 2, 3.0: 1}, "the resumed trial lost an epoch, or ASHA did not stop the one behind"
     assert list(pd.read_csv(output / "metrics.csv")["epoch"]) == [0, 1], "epochs were lost or repeated"
+    model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
+    assert model.config.dropout == pytest.approx(best["config"]["dropout"])
+    assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])

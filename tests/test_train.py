@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -191,53 +190,6 @@ def test_interrupted_ddp_run_resumes_from_its_last_checkpoint_learns_and_reloads
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(images)["age"], again(images)["age"])
-
-
-def test_tune_searches_with_asha_and_writes_the_best_model(small_faces, ray_local, tmp_path) -> None:
-    output = tmp_path / "tune"
-    # Two trials in this order: a sane phase-1 rate, then one far too high, which is behind at ASHA's first
-    # rung (grace period 1, reduction factor 3) and is stopped there; the first runs every epoch.
-    (tmp_path / "space.yaml").write_text(
-        "search_space:\n  phase1_lr: {grid: [0.003, 3.0]}\n  dropout: {uniform: [0.1, 0.5]}\n"
-    )
-    # On the session's Ray (one Ray instance on the machine: with two, Ray Train's placement-group
-    # cleaner cannot tell which one to clean, and a stopped trial keeps its CPUs), with relative
-    # paths as a user types them: every trial runs in a directory of its own.
-    result = run_cli(
-        "tune",
-        "--config",
-        "space.yaml",
-        "--data",
-        os.path.relpath(small_faces, tmp_path),
-        "--output",
-        "tune",
-        "--image-size",
-        "64",
-        "--batch-size",
-        "32",
-        "--num-workers",
-        "1",
-        "--phase1-epochs",
-        "1",
-        "--phase2-epochs",
-        "1",
-        "--num-samples",
-        "1",
-        "--min-per-age",
-        "1",
-        cwd=tmp_path,
-        env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    best = json.loads((output / "best_config.json").read_text())
-    assert set(best["config"]) == {"phase1_lr", "dropout"} and best["config"]["phase1_lr"] == 0.003
-    trials = pd.read_csv(output / "trials.csv")
-    assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
-    iterations = dict(zip(trials["config/searched/phase1_lr"], trials["iterations_run"], strict=True))
-    assert iterations == {0.003: 2, 3.0: 1}, "ASHA did not stop the trial behind at its first rung"
-    model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
-    assert model.config.dropout == pytest.approx(best["config"]["dropout"])
-    assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
 
 
 def test_a_search_space_names_settings_and_known_samplers() -> None:
