@@ -20,8 +20,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import test_split_crops, test_split_row, write_results  # noqa: E402
 
-from agepipe.model import export_for_sharing  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL, export_for_sharing  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 
 
 def main() -> None:

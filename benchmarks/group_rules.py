@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 from common import write_results  # noqa: E402
 
 from agepipe.labels import group_index  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 
 
 def held_out_predictions(faces: str, model: str, split_file: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

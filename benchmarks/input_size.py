@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import test_split_crops, test_split_row, write_results  # noqa: E402
 
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 
 
 def scored_at(predictor: Predictor, crops: list[np.ndarray], frame: pd.DataFrame, size: int) -> dict:

@@ -37,7 +37,8 @@ from common import (  # noqa: E402
 from agepipe.config import LabelSettings, ScoreSettings  # noqa: E402
 from agepipe.images import decode  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")

@@ -31,7 +31,8 @@ from agepipe.config import CropSettings, ScoreSettings  # noqa: E402
 from agepipe.detectors import create_detector  # noqa: E402
 from agepipe.faces import crop_face  # noqa: E402
 from agepipe.images import decode, encode  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 from agepipe.score import run_score  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from wild import build_photos, face_free_set, held_out_faces, match_faces  # noq
 
 from agepipe.config import DETECTOR_MIN_SCORES  # noqa: E402
 from agepipe.detectors import create_detector  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
 
 GRIDS = {
     "yunet": (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9),

@@ -31,7 +31,7 @@ from common import UTKFACE, run_peer_script, write_results  # noqa: E402
 from agepipe.config import AgeGroups  # noqa: E402
 from agepipe.labels import age_group as group_name  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
 
 # scikit-image's bundled photos without a human face (the cat and the clock are kept on purpose:
 # round, face-like shapes are where false faces come from).

@@ -27,7 +27,8 @@ from wild import face_free_photos, held_out_faces, paste_face  # noqa: E402
 
 from agepipe.augment import fill_mask  # noqa: E402
 from agepipe.faces import FILL_COLOUR  # noqa: E402
-from agepipe.predict import DEFAULT_MODEL, Predictor  # noqa: E402
+from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.predict import Predictor  # noqa: E402
 
 CENTRE = (320.0, 240.0)
 

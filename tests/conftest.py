@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from helpers import run_cli
 
 from agepipe.config import shared_data_dir
-from agepipe.predict import DEFAULT_MODEL
+from agepipe.model import DEFAULT_MODEL
 
 # The default model records its YuNet weights by file name; here they come from the shared folder, in
 # every process the tests start (Ray workers, notebook kernels, CLI runs inherit the variable).
