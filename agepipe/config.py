@@ -244,8 +244,8 @@ class TrainSettings:
     )
     initial_checkpoint: str | None = setting(
         None,
-        help="fine-tune: start from this agepipe checkpoint's network (path/URI, or default: the bundled "
-        "model) instead of --pretrained backbone weights; its backbone, heads and groups must match",
+        help="fine-tune: start from this agepipe checkpoint's network (a path, a URI, or the word 'default' "
+        "for the bundled model) instead of --pretrained backbone weights; its backbone, heads and groups must match",
     )
     age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
     dense_units: int = setting(512, help="units of the shared dense layer")
