@@ -1,11 +1,13 @@
 """Ensembles: trained networks scored as one model (`agepipe export --model A B ...`), beside each alone.
 
-    .venv/bin/python benchmarks/ensemble.py --faces out/faces-landmarks --models A.pt B.pt [C.pt ...]
+    .venv/bin/python benchmarks/ensemble.py --faces out/faces-landmarks --models A.pt B.pt [C.pt ...] [--soups]
 
 Each model alone and every combination of two or more of them, exported as an ensemble checkpoint with
 `model.export_for_sharing` as the command does, scored on the same held-out test faces as the crop dataset
 holds them (aligned), flip TTA off. The models must share one split (`--split`, the test faces) and, for
-an ensemble, one crop and model config.
+an ensemble, one crop and model config. `--soups` also scores each combination's weights averaged into
+one network (a "model soup", BatchNorm statistics averaged too), which costs one network's time: it works
+only for networks in one basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import test_split_crops, test_split_row, write_results  # noqa: E402
 
-from agepipe.model import DEFAULT_MODEL, export_for_sharing  # noqa: E402
+from agepipe.model import DEFAULT_MODEL, export_for_sharing, read_checkpoint, save_checkpoint  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
+
+
+def weight_average(sources: list[str], target: str) -> None:
+    """One checkpoint whose every float tensor is the mean of the sources' (the first's other entries)."""
+    checkpoints = [read_checkpoint(source) for source in sources]
+    state = {
+        name: torch.stack([c["state_dict"][name].float() for c in checkpoints]).mean(0) if tensor.is_floating_point()
+        else tensor
+        for name, tensor in checkpoints[0]["state_dict"].items()
+    }  # fmt: skip
+    save_checkpoint({**checkpoints[0], "state_dict": state}, target)
 
 
 def main() -> None:
@@ -30,6 +45,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True, help="checkpoints, named in the table by their place")
     parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
     parser.add_argument("--name", default="ensemble", help="results file name under benchmarks/results")
+    parser.add_argument("--soups", action="store_true", help="also score each combination's weights averaged")
     args = parser.parse_args()
 
     frame, crops = test_split_crops(args.faces, args.split)
@@ -41,11 +57,19 @@ def main() -> None:
                 if size > 1:
                     model = str(Path(scratch) / f"ensemble-{'-'.join(map(str, members))}.pt")
                     export_for_sharing([args.models[i] for i in members], model)
-                predictions = Predictor(model, flip_tta=False).predict_crops(crops)
-                rows.append({"models": " + ".join(str(i + 1) for i in members), **test_split_row(predictions, frame)})
-                print(rows[-1], flush=True)
+                names = " + ".join(str(i + 1) for i in members)
+                scored = [(names, model)]
+                if size > 1 and args.soups:
+                    soup = str(Path(scratch) / f"soup-{'-'.join(map(str, members))}.pt")
+                    weight_average([args.models[i] for i in members], soup)
+                    scored.append((f"soup of {names}", soup))
+                for label, checkpoint in scored:
+                    predictions = Predictor(checkpoint, flip_tta=False).predict_crops(crops)
+                    rows.append({"models": label, **test_split_row(predictions, frame)})
+                    print(rows[-1], flush=True)
     notes = [
-        f"`python benchmarks/ensemble.py --faces {args.faces} --models {' '.join(args.models)}`",
+        f"`python benchmarks/ensemble.py --faces {args.faces} --models {' '.join(args.models)}"
+        f"{' --soups' if args.soups else ''}`",
         "models: " + "; ".join(f"{i + 1}: `{model}`" for i, model in enumerate(args.models)),
         "the test split's faces as the crop dataset holds them (aligned), flip TTA off; an ensemble runs "
         "each of its networks on every face (its model time is the sum of theirs)",
