@@ -27,7 +27,7 @@ from wild import evaluate_wild  # noqa: E402
 from agepipe.cli import flag_for
 from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
-from agepipe.model import DEFAULT_MODEL, export_for_sharing, load_checkpoint
+from agepipe.model import DEFAULT_MODEL, export_for_sharing, load_checkpoint, read_checkpoint
 from agepipe.score import run_score
 
 WEIGHTS = DEFAULT_MODEL.parent
@@ -103,13 +103,14 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = str(out / DEFAULT_MODEL.name)
+    train_settings = json.loads((run / "settings.json").read_text())
+    base_command, base_history = base_run(train_settings)  # before the export, which may overwrite it
     crop = export_for_sharing([str(run / "model.pt")], model)
     split = pd.read_parquet(run / "split.parquet")
     split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
     split.to_parquet(out / "default_split.parquet", index=False)
     _, _, checkpoint = load_checkpoint(model)
     history = pd.DataFrame(checkpoint["history"])
-    train_settings = json.loads((run / "settings.json").read_text())
     # A resumed run rewrites settings.json, so file times then cover only its last part.
     started = (run / "settings.json").stat().st_mtime
     minutes = args.training_minutes or ((run / "model.pt").stat().st_mtime - started) / 60
@@ -169,6 +170,9 @@ def main() -> None:
         workers=train_settings["num_workers"],
         schedule=train_settings.get("lr_schedule", "plateau"),
         tried=tried_section(WEIGHTS / "MODEL_CARD.md"),
+        base_command=base_command,
+        initial_flag=" --initial-checkpoint out/runs/base/model.pt" if base_command else "",
+        base_history=base_history,
         wild_mae=wild_photos["MAE"],
         wild_gap=wild_photos["MAE"] - wild_aligned["MAE"],
         race_ratio=max(r["mae"] for r in test["by_race"]) / test["age"]["mae"],
@@ -264,7 +268,7 @@ folder by the project; it was never seen here.
 ```bash
 agepipe crop --input ../shared/data/utkface --output out/faces-utk --labels utkface \\
     --detector yunet --detector-weights ../shared/models/face_detection_yunet.onnx{crop_flags}
-agepipe train --data out/faces-utk --output out/runs/default{train_flags}
+{base_command}agepipe train --data out/faces-utk --output out/runs/default{initial_flag}{train_flags}
 python scripts/make_default_model.py --run out/runs/default
 ```
 
@@ -289,7 +293,7 @@ its first `warmup_epochs`; `{schedule}` learning-rate schedule within each phase
 validation MAE.
 
 {history}
-
+{base_history}
 {tried}"""
 
 AGE_HEADS = {
@@ -307,6 +311,23 @@ def train_flags(train_settings: dict) -> str:
         for name in SETTINGS_SHOWN
         if train_settings[name] != fields[name].default
     )
+
+
+def base_run(train_settings: dict) -> tuple[str, str]:
+    """For a run fine-tuned from another checkpoint (`--initial-checkpoint`): the command that trained the
+    starting network, from the settings recorded in it, and its epochs; empty strings otherwise."""
+    initial = train_settings.get("initial_checkpoint")
+    if not initial:
+        return "", ""
+    base = read_checkpoint(initial)
+    command = f"agepipe train --data out/faces-utk --output out/runs/base{train_flags(base['train_settings'])}\n"
+    history = pd.DataFrame(base["history"])[HISTORY_COLUMNS].to_dict("records")
+    text = (
+        f"\nThe run started from the network of the first command above (`{Path(initial).name}` then; best "
+        f"validation MAE {base['val_mae']:.2f} at epoch {base['epoch']}), trained in {len(history)} epochs:\n\n"
+        f"{markdown_table(history, float_format='.4g')}\n"
+    )
+    return command, text
 
 
 def tried_section(card: Path) -> str:
