@@ -20,7 +20,7 @@ from agepipe import storage
 from agepipe.cluster import init_ray
 from agepipe.config import CropSettings, TrainSettings, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
-from agepipe.model import DEFAULT_MODEL, initial_state, save_checkpoint
+from agepipe.model import DEFAULT_MODEL, initial_state, read_checkpoint, save_checkpoint
 from agepipe.train_data import plan_dataset, split_dataset
 from agepipe.train_loop import model_config, train_loop_per_worker
 
@@ -34,6 +34,31 @@ def crop_settings_of(data: str) -> CropSettings:
         return recorded_crop_settings(json.loads(storage.read_bytes(path))["crop"])
     logger.warning("%s has no recorded crop settings; assuming defaults", data)
     return CropSettings()
+
+
+# Crop settings that change what a network sees of a face.
+CROP_VIEW_FIELDS = ("detector", "geometry", "margin", "size")
+
+
+def check_initial_checkpoint(settings: TrainSettings) -> None:
+    """Refuse a starting checkpoint whose network has another shape than the settings build, and warn
+    when it was trained on crops that show faces otherwise than this dataset's."""
+    initial_state(settings.initial_checkpoint, model_config(settings))
+    trained_on = recorded_crop_settings(read_checkpoint(settings.initial_checkpoint)["crop"])
+    data_crop = crop_settings_of(settings.data)
+    differences = [
+        f"{name} {getattr(trained_on, name)!r} (the data: {getattr(data_crop, name)!r})"
+        for name in CROP_VIEW_FIELDS
+        if getattr(trained_on, name) != getattr(data_crop, name)
+    ]
+    if differences:
+        logger.warning(
+            "%s was trained on other crops than %s holds: %s; fine-tuning will first have to unlearn them "
+            "(crop the images as it was trained, or start from --pretrained weights)",
+            settings.initial_checkpoint,
+            settings.data,
+            "; ".join(differences),
+        )
 
 
 def require_gpus(settings: TrainSettings, cluster_gpus: float) -> None:
@@ -54,7 +79,7 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
     if settings.initial_checkpoint:
-        initial_state(settings.initial_checkpoint, model_config(settings))  # a mismatch fails here, not in workers
+        check_initial_checkpoint(settings)  # a mismatch fails here, not in the workers
     init_ray(log_to_driver=True)
     require_gpus(settings, ray.cluster_resources().get("GPU", 0))
     # Per-epoch metrics are the progress report; Data's bars from inside workers would flood the log.

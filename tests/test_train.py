@@ -17,8 +17,8 @@ from helpers import TINY_RUN, registered_checkpoints, run_cli
 
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import group_index
-from agepipe.model import AgeModel, load_checkpoint, normalize_uint8
-from agepipe.train import require_gpus
+from agepipe.model import DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
+from agepipe.train import check_initial_checkpoint, require_gpus
 from agepipe.train_data import balancing_weights, stratified_split, usable_rows
 from agepipe.train_loop import (
     LR_SCHEDULES,
@@ -211,6 +211,14 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_network_before_it_starts(tm
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "holds another network than these settings build: backbone 'mobilenetv2_100'" in refused.stderr
     assert not (tmp_path / "run").exists(), "a refused run should not have started"
+
+
+def test_fine_tuning_on_crops_of_another_view_warns(small_faces, tmp_path, caplog) -> None:
+    settings = TrainSettings(data=str(small_faces), output=str(tmp_path / "run"), initial_checkpoint=str(DEFAULT_MODEL))
+    with caplog.at_level("WARNING", logger="agepipe.train"):
+        check_initial_checkpoint(settings)
+    # The bundled model was trained on YuNet's 224 px landmark crops; small_faces are whole images at 96 px.
+    assert "detector 'yunet' (the data: 'none')" in caplog.text and "size 224 (the data: 96)" in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
