@@ -16,6 +16,7 @@ from ray import tune
 
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
+from agepipe.model import NETWORK_SHAPE_FIELDS
 from agepipe.train import export_checkpoint, make_trainer, prepare_run, with_absolute_paths, worker_cpus
 from agepipe.train_data import plan_dataset
 from agepipe.train_loop import PLACEMENT_GROUP_ID
@@ -160,6 +161,12 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     space = search_space(settings.search_space)  # a bad space is reported before Ray starts
+    varied_shape = sorted(set(settings.search_space) & set(NETWORK_SHAPE_FIELDS))
+    if settings.train.initial_checkpoint and varied_shape:
+        raise ValueError(
+            f"the search space varies {', '.join(varied_shape)}, which --initial-checkpoint fixes (its network "
+            "is fine-tuned as it is): give a search space without them in --config"
+        )
     base = with_absolute_paths(settings.train)
     prepare_run(base)
     cluster_cpus = ray.cluster_resources().get("CPU", 1)

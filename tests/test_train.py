@@ -28,7 +28,7 @@ from agepipe.train_loop import (
     step_schedule,
     warmup_schedule,
 )
-from agepipe.tune import search_space
+from agepipe.tune import run_tune, search_space
 
 
 def _frame(n: int, seed: int = 0) -> pd.DataFrame:
@@ -211,6 +211,13 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_network_before_it_starts(tm
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "holds another network than these settings build: backbone 'mobilenetv2_100'" in refused.stderr
     assert not (tmp_path / "run").exists(), "a refused run should not have started"
+
+
+def test_a_search_that_varies_the_shape_of_a_fine_tuned_network_is_refused_before_ray_starts(tmp_path) -> None:
+    settings = TuneSettings(train=TrainSettings(data="d", output=str(tmp_path / "o"), initial_checkpoint="default"))
+    with pytest.raises(ValueError, match="the search space varies dense_units, which --initial-checkpoint fixes"):
+        run_tune(settings)  # the default space searches dense_units
+    assert not (tmp_path / "o").exists()
 
 
 def test_fine_tuning_on_crops_of_another_view_warns(small_faces, tmp_path, caplog) -> None:
