@@ -232,7 +232,8 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
     for raw in batches:
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
         with torch.set_grad_enabled(train):
-            outputs = network_outputs(state.model, batch["image"], settings.precision)
+            # Validation runs in float32 as scoring does, so the best epoch is chosen on the numbers users get.
+            outputs = network_outputs(state.model, batch["image"], settings.precision if train else "fp32")
             loss, predicted = multitask_loss(model, outputs, batch, settings)
         if train:
             state.optimizer.zero_grad(set_to_none=True)
