@@ -341,10 +341,9 @@ def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 NETWORK_SHAPE_FIELDS = ("backbone", "age_head", "max_age", "dense_units", "groups")
 
 
-def initial_state(uri: str, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A trained network's weights (float32) to start a training run from: fine-tuning. Refuses a
-    checkpoint whose network has another shape than `config` builds, naming the settings that differ."""
-    checkpoint = read_checkpoint(uri)
+def require_same_network(checkpoint: dict, config: ModelConfig, uri: str) -> None:
+    """Refuse a checkpoint (read from `uri`) whose network has another shape than `config` builds, or an
+    ensemble, naming the settings that differ."""
     if checkpoint.get("members"):
         raise ValueError(f"{uri} is an ensemble: start from one of its member checkpoints")
     recorded = from_dict(ModelConfig, checkpoint["model_config"])
@@ -355,6 +354,12 @@ def initial_state(uri: str, config: ModelConfig) -> dict[str, torch.Tensor]:
     ]
     if differences:
         raise ValueError(f"{uri} holds another network than these settings build: " + "; ".join(differences))
+
+
+def initial_state(uri: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A trained network's weights (float32) to start a training run from: fine-tuning."""
+    checkpoint = read_checkpoint(uri)
+    require_same_network(checkpoint, config, uri)
     return float_state(checkpoint["state_dict"])
 
 

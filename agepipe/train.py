@@ -20,7 +20,7 @@ from agepipe import storage
 from agepipe.cluster import init_ray
 from agepipe.config import CropSettings, TrainSettings, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
-from agepipe.model import DEFAULT_MODEL, initial_state, read_checkpoint, save_checkpoint
+from agepipe.model import DEFAULT_MODEL, read_checkpoint, require_same_network, save_checkpoint
 from agepipe.train_data import plan_dataset, split_dataset
 from agepipe.train_loop import model_config, train_loop_per_worker
 
@@ -43,8 +43,9 @@ CROP_VIEW_FIELDS = ("detector", "geometry", "margin", "size")
 def check_initial_checkpoint(settings: TrainSettings) -> None:
     """Refuse a starting checkpoint whose network has another shape than the settings build, and warn
     when it was trained on crops that show faces otherwise than this dataset's."""
-    initial_state(settings.initial_checkpoint, model_config(settings))
-    trained_on = recorded_crop_settings(read_checkpoint(settings.initial_checkpoint)["crop"])
+    checkpoint = read_checkpoint(settings.initial_checkpoint)
+    require_same_network(checkpoint, model_config(settings), settings.initial_checkpoint)
+    trained_on = recorded_crop_settings(checkpoint["crop"])
     data_crop = crop_settings_of(settings.data)
     differences = [
         f"{name} {getattr(trained_on, name)!r} (the data: {getattr(data_crop, name)!r})"
