@@ -79,9 +79,11 @@ def parquet_files(folder: Path) -> int:
 
 def run_with_nodes_killed(cluster, workers, command: list[str], output: Path, kill_points: tuple[int, ...]) -> None:
     """Run `agepipe COMMAND` against the cluster and kill a worker node each time the output holds the next
-    of `kill_points` Parquet files (0: once the job has started its actors). Each killed node is replaced
-    at once, and the kills alternate between the two worker slots, so every kill after the first lands on
-    a node that has been running the job's restarted actors."""
+    of `kill_points` Parquet files (0: once the job has started its actors). The nodes to kill are added
+    before the job starts, so no node start delays a kill while the job runs on; `workers[1]` survives, so
+    the job always keeps a worker node (the `cluster` fixture replaces `workers[0]` afterwards)."""
+    victims = [cluster.add_node(num_cpus=WORKER_CPUS) for _ in kill_points[1:]] + [workers[0]]
+    cluster.wait_for_nodes()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     process = subprocess.Popen(
         [sys.executable, "-m", "agepipe.cli", *command],
@@ -92,12 +94,11 @@ def run_with_nodes_killed(cluster, workers, command: list[str], output: Path, ki
     )
     deadline = time.monotonic() + 300
     started = time.monotonic()
-    pending, slot = list(kill_points), 0
+    pending = list(kill_points)
     while pending and time.monotonic() < deadline and process.poll() is None:
         if parquet_files(output) >= pending[0] if pending[0] else time.monotonic() - started > 8:
-            cluster.remove_node(workers[slot], allow_graceful=False)
-            workers[slot] = cluster.add_node(num_cpus=WORKER_CPUS)
-            slot, pending = 1 - slot, pending[1:]
+            cluster.remove_node(victims[len(kill_points) - len(pending)], allow_graceful=False)
+            pending = pending[1:]
         time.sleep(0.05)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
