@@ -302,9 +302,10 @@ def train_loop_per_worker(config: dict) -> None:
     if not settings.use_gpu:
         torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     device = ray.train.torch.get_device()
-    model = AgeModel(model_config(settings), backbone_weights=settings.initial_checkpoint is None)
+    network = model_config(settings)
+    model = AgeModel(network, backbone_weights=settings.initial_checkpoint is None)
     if settings.initial_checkpoint:
-        model.load_state_dict(initial_state(settings.initial_checkpoint, model_config(settings)))
+        model.load_state_dict(initial_state(settings.initial_checkpoint, network))
     elif settings.age_head == "regression":
         # Start at the training split's mean age, so phase 1 need not spend its epoch moving a bias there.
         torch.nn.init.constant_(model.age_head.bias, float(config.get("mean_train_age", 0.0)))
