@@ -94,15 +94,16 @@ def run_with_nodes_killed(cluster, workers, command: list[str], output: Path, ki
     )
     deadline = time.monotonic() + 300
     started = time.monotonic()
-    pending = list(kill_points)
+    pending = list(zip(kill_points, victims, strict=True))
     while pending and time.monotonic() < deadline and process.poll() is None:
-        if parquet_files(output) >= pending[0] if pending[0] else time.monotonic() - started > 8:
-            cluster.remove_node(victims[len(kill_points) - len(pending)], allow_graceful=False)
+        point, victim = pending[0]
+        if parquet_files(output) >= point if point else time.monotonic() - started > 8:
+            cluster.remove_node(victim, allow_graceful=False)
             pending = pending[1:]
         time.sleep(0.05)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
-    assert not pending, f"the job ended before its node kills at {pending} files"
+    assert not pending, f"the job ended before its node kills at {[point for point, _ in pending]} files"
 
 
 def assert_exactly_once(output: Path, images: Path) -> pd.DataFrame:
