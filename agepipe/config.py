@@ -282,6 +282,11 @@ class TrainSettings:
     min_per_age: int = setting(10, help="training faces per year of age at least (repeated)")
     val_fraction: float = setting(0.1, help="share of images held out for validation")
     test_fraction: float = setting(0.1, help="share of images held out for the test split")
+    train_on_val: bool = setting(
+        False,
+        help="also train on the validation split, for a final fit of a recipe already fixed on held-out "
+        "validation: validation metrics, early stopping and the best epoch then read trained faces",
+    )
     seed: int = setting(42, help="seed of the split, balancing and shuffling")
     limit: int | None = setting(None, help="use at most this many faces (quick runs)")
     num_workers: int = setting(2, help="Ray Train workers (DDP)")

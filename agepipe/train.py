@@ -87,11 +87,13 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan, dropped = plan_dataset(settings)
     logger.info("training rows by split: %s; left out: %s", plan["split"].value_counts().to_dict(), dropped)
+    if settings.train_on_val:
+        logger.warning("--train-on-val: the network trains on the val faces too, so its val metrics read trained faces")
     storage.write_bytes(
         storage.join(settings.output, "settings.json"), json.dumps(to_dict(settings), indent=2).encode()
     )
     split_buffer = io.BytesIO()
-    plan[["path", "face_index", "age", "gender", "race", "split", "copies"]].to_parquet(split_buffer)
+    plan[["path", "face_index", "age", "gender", "race", "split", "trained", "copies"]].to_parquet(split_buffer)
     storage.write_bytes(storage.join(settings.output, "split.parquet"), split_buffer.getvalue())
     return plan
 
@@ -126,9 +128,8 @@ def make_trainer(
             "settings": to_dict(settings),
             "crop": to_dict(crop_settings_of(settings.data)),
             "threads_per_worker": max(1, int(cluster_cpus // settings.num_workers)),
-            "mean_train_age": float(plan.loc[plan["split"] == "train", "age"].mean()),
-            "train_steps_per_epoch": int(plan.loc[plan["split"] == "train", "copies"].sum())
-            // (settings.batch_size * settings.num_workers),
+            "mean_train_age": float(plan.loc[plan["trained"], "age"].mean()),
+            "train_steps_per_epoch": int(plan["copies"].sum()) // (settings.batch_size * settings.num_workers),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers,

@@ -79,12 +79,17 @@ def plan_dataset(settings: TrainSettings) -> tuple[pd.DataFrame, dict[str, int]]
     frame["split"] = stratified_split(
         frame, settings.labels.groups, settings.val_fraction, settings.test_fraction, settings.seed
     ).to_numpy()
-    frame["copies"] = 1
-    train = frame["split"] == "train"
-    frame.loc[train, "copies"] = balancing_weights(
-        frame.loc[train, "age"], settings.max_per_age, settings.min_per_age, settings.seed
+    frame["trained"] = frame["split"].isin(training_splits(settings))
+    frame["copies"] = 0
+    frame.loc[frame["trained"], "copies"] = balancing_weights(
+        frame.loc[frame["trained"], "age"], settings.max_per_age, settings.min_per_age, settings.seed
     )
     return frame.reset_index(drop=True), dropped
+
+
+def training_splits(settings: TrainSettings) -> tuple[str, ...]:
+    """The splits whose faces the network trains on; the test split never."""
+    return ("train", "val") if settings.train_on_val else ("train",)
 
 
 class SplitFilter:
@@ -101,13 +106,18 @@ class SplitFilter:
 
 
 def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus: float) -> Any:
+    """The Ray Dataset of one split: for 'train' the faces trained on (`training_splits`) with their
+    balancing copies, for any other split each of its faces once."""
     import ray.data
 
     fs, path = storage.resolve(settings.data)
-    rows = plan[plan["split"] == split]
-    copies = {
-        (p, int(i)): int(c) for p, i, c in zip(rows["path"], rows["face_index"], rows["copies"], strict=True) if c
-    }
+    if split == "train":
+        rows = plan[plan["trained"]]
+        counts = rows["copies"]
+    else:
+        rows = plan[plan["split"] == split]
+        counts = pd.Series(1, index=rows.index)
+    copies = {(p, int(i)): int(c) for p, i, c in zip(rows["path"], rows["face_index"], counts, strict=True) if c}
     dataset = ray.data.read_parquet(
         path,
         filesystem=fs,

@@ -63,7 +63,7 @@ def main() -> None:
                 seconds = agepipe("train", "--data", str(data), "--output", str(output), *base,
                                   "--min-per-age", min_per_age)  # fmt: skip
                 split = pd.read_parquet(output / "split.parquet")
-                rows = int(split.loc[split["split"] == "train", "copies"].sum())
+                rows = int(split["copies"].sum())
                 runs[name].append({"seconds": seconds, "rows": rows, "epoch": last_epoch_seconds(output)})
                 print(name, runs[name][-1], flush=True)
     table = [

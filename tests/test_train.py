@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneS
 from agepipe.labels import group_index
 from agepipe.model import DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
 from agepipe.train import check_initial_checkpoint, require_gpus
-from agepipe.train_data import balancing_weights, stratified_split, usable_rows
+from agepipe.train_data import balancing_weights, plan_dataset, split_dataset, stratified_split, usable_rows
 from agepipe.train_loop import (
     LR_SCHEDULES,
     model_config,
@@ -65,6 +66,27 @@ def test_rows_with_errors_or_without_age_are_left_out_and_counted() -> None:
     )
     kept, dropped = usable_rows(frame)
     assert list(kept["path"]) == ["a"] and dropped == {"error_or_no_face": 2, "no_age": 1}
+
+
+def test_train_on_val_adds_the_val_faces_to_training_and_keeps_the_test_split(small_faces, ray_local) -> None:
+    held_out = TrainSettings(data=str(small_faces), output="unused", min_per_age=0)
+    final_fit = dataclasses.replace(held_out, train_on_val=True)
+    plan, _ = plan_dataset(held_out)
+    fit_plan, _ = plan_dataset(final_fit)
+    assert plan["split"].equals(fit_plan["split"]), "the split must not depend on what is trained on"
+    assert set(plan.loc[plan["trained"], "split"]) == {"train"} and (plan.loc[~plan["trained"], "copies"] == 0).all()
+    assert set(fit_plan.loc[fit_plan["trained"], "split"]) == {"train", "val"}
+    assert (fit_plan.loc[fit_plan["split"] == "test", "copies"] == 0).all()
+    counts = {s: (plan["split"] == s).sum() for s in ("train", "val")}
+    assert split_dataset(held_out, plan, "train", 0.25).count() == counts["train"]
+    assert split_dataset(final_fit, fit_plan, "train", 0.25).count() == counts["train"] + counts["val"]
+    assert split_dataset(final_fit, fit_plan, "val", 0.25).count() == counts["val"], "val is still scored, once each"
+
+
+def test_a_search_that_trains_on_val_is_refused(tmp_path) -> None:
+    settings = TuneSettings(train=TrainSettings(data="d", output=str(tmp_path / "o"), train_on_val=True))
+    with pytest.raises(ValueError, match="leave out --train-on-val"):
+        run_tune(settings)
 
 
 def _rates(schedule: str, val_maes: list[float], settings: TrainSettings) -> list[float]:
