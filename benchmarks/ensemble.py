@@ -4,10 +4,11 @@
 
 Each model alone and every combination of two or more of them, exported as an ensemble checkpoint with
 `model.export_for_sharing` as the command does, scored on the same held-out test faces as the crop dataset
-holds them (aligned), flip TTA off. The models must share one split (`--split`, the test faces) and, for
-an ensemble, one crop and model config. `--soups` also scores each combination's weights averaged into
-one network (a "model soup", BatchNorm statistics averaged too), which costs one network's time: it works
-only for networks in one basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`).
+holds them (aligned), flip TTA off. The models must share one split (`--split`, the test faces); a
+combination of networks of other crops or model configs is left out with a line, as `agepipe export`
+refuses it. `--soups` also scores each combination's weights averaged into one network (a "model soup",
+BatchNorm statistics averaged too), which costs one network's time: it works only for networks in one
+basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,14 @@ def main() -> None:
         for size in range(1, len(args.models) + 1):
             for members in itertools.combinations(range(len(args.models)), size):
                 model = args.models[members[0]]
+                names = " + ".join(str(i + 1) for i in members)
                 if size > 1:
                     model = str(Path(scratch) / f"ensemble-{'-'.join(map(str, members))}.pt")
-                    export_for_sharing([args.models[i] for i in members], model)
-                names = " + ".join(str(i + 1) for i in members)
+                    try:
+                        export_for_sharing([args.models[i] for i in members], model)
+                    except ValueError as refusal:  # networks of other configs or crops are no one model
+                        print(f"{names}: not one ensemble ({refusal})", flush=True)
+                        continue
                 scored = [(names, model)]
                 if size > 1 and args.soups:
                     soup = str(Path(scratch) / f"soup-{'-'.join(map(str, members))}.pt")
