@@ -162,7 +162,7 @@ def main() -> None:
         by_group=table(test["by_age_group"], "age group"),
         by_gender=table(test["by_gender"], "gender"),
         by_race=table(test["by_race"], "race"),
-        settings=json.dumps({k: train_settings.get(k, False) for k in SETTINGS_SHOWN}, indent=2),
+        settings=json.dumps(shown_settings(train_settings), indent=2),
         train_flags=train_flags(train_settings),
         crop_flags=f" --geometry {crop['geometry']}" if crop.get("geometry") != CropSettings().geometry else "",
         crop=json.dumps(crop, indent=2),
@@ -310,13 +310,19 @@ AGE_HEADS = {
 TRIED_HEADING = "## What was tried"
 
 
+def shown_settings(train_settings: dict) -> dict:
+    """The card's settings of a run; one recorded before a setting existed ran with its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    return {name: train_settings.get(name, defaults[name]) for name in SETTINGS_SHOWN}
+
+
 def train_flags(train_settings: dict) -> str:
     """The `agepipe train` flags for the shown settings where the run differs from today's defaults."""
     fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
     return "".join(
-        f" {flag_for(fields[name], train_settings[name])}"
-        for name in SETTINGS_SHOWN
-        if train_settings.get(name, fields[name].default) != fields[name].default
+        f" {flag_for(fields[name], value)}"
+        for name, value in shown_settings(train_settings).items()
+        if value != fields[name].default
     )
 
 
