@@ -32,6 +32,8 @@ def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, y
     rows = {row["system"]: row for row in evaluate_wild(tmp_path, 12, 3, None, split, with_peer=False)}
     photos, aligned = rows["agepipe, photos"], rows["agepipe, same faces aligned"]
     assert photos["faces"] == aligned["faces"] >= 12
+    whole, cut = rows["agepipe, photos: faces whole in the photo"], rows["agepipe, photos: faces cut by the border"]
+    assert whole["faces"] + cut["faces"] == photos["faces"] and whole["faces"] > 0
     assert photos["recall"] >= 0.9 and photos["false faces / photo"] <= 0.2
     for row in (photos, aligned):
         assert 0 < row["MAE"] < 15 and 0.3 < row["age-group acc"] <= 1 and 0.5 < row["gender acc"] <= 1
