@@ -79,9 +79,11 @@ def face_free_set(folder: Path, seed: int, crops_per_photo: int = 4) -> list[Pat
 
 
 def held_out_faces(split_file: Path, images_root: Path) -> pd.DataFrame:
-    """The test split's UTKFace faces with their labels (path, age, gender, race)."""
+    """The test split's UTKFace faces with their labels (path, age, gender, race). The split file is a
+    shipped model's (file names) or a training run's `split.parquet` (paths)."""
     split = pd.read_parquet(split_file)
-    names = sorted(set(split.loc[split["split"] == "test", "name"]))
+    test = split.loc[split["split"] == "test"]
+    names = sorted(set(test["name"] if "name" in test else test["path"].map(lambda p: Path(p).name)))
     rows = []
     for name in names:
         labels = parse_utkface(name)
