@@ -45,32 +45,84 @@ def fill_mask(image: torch.Tensor, tolerance: int = 10) -> np.ndarray:
     return cv2.dilate(touching.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
 
 
+def border_cut_mask(source: np.ndarray, fraction: float, side: int, tilt: float) -> np.ndarray:
+    """Where a photo's border cuts off a face whose source image covers `source` ((H, W) bool) in its
+    crop: the half-plane past a line `fraction` of the source's extent in from its `side` (0 left,
+    1 right, 2 top, 3 bottom), tilted by `tilt` degrees, as (H, W) bool."""
+    height, width = source.shape
+    rows, cols = np.nonzero(source) if source.any() else (np.array([0, height - 1]), np.array([0, width - 1]))
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    centre = ((left + right) / 2.0, (top + bottom) / 2.0)
+    inward, point = {
+        0: ((1.0, 0.0), (left + fraction * (right - left), centre[1])),
+        1: ((-1.0, 0.0), (right - fraction * (right - left), centre[1])),
+        2: ((0.0, 1.0), (centre[0], top + fraction * (bottom - top))),
+        3: ((0.0, -1.0), (centre[0], bottom - fraction * (bottom - top))),
+    }[side]
+    angle = np.deg2rad(tilt)
+    normal = (
+        inward[0] * np.cos(angle) - inward[1] * np.sin(angle),
+        inward[0] * np.sin(angle) + inward[1] * np.cos(angle),
+    )
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    return (x - point[0]) * normal[0] + (y - point[1]) * normal[1] < 0
+
+
 class RandomBackground:
     """Fill what lies outside a face's source image with a piece of another training crop, zoomed and
     placed at random: an aligned dataset's crops run past their image into the flat fill colour, where
-    a face in a photo has a background. Sources are the last `memory` crops this transform has seen."""
+    a face in a photo has a background. Sources are the last `memory` crops this transform has seen.
+    With probability `border_cut` the face is also cut off, as a photo's border cuts a face near it: the
+    fill colour past a line `cut_fraction` of the source image in from one side, tilted up to
+    `cut_tilt` degrees, as the crop of such a face is filled past the photo."""
 
-    def __init__(self, p: float = 0.8, memory: int = 16, zoom: tuple[float, float] = (1.0, 3.0)) -> None:
+    def __init__(
+        self,
+        p: float = 0.8,
+        memory: int = 16,
+        zoom: tuple[float, float] = (1.0, 3.0),
+        border_cut: float = 0.0,
+        cut_fraction: tuple[float, float] = (0.1, 0.4),
+        cut_tilt: float = 15.0,
+    ) -> None:
         self.p = p
         self.zoom = zoom
+        self.border_cut = border_cut
+        self.cut_fraction = cut_fraction
+        self.cut_tilt = cut_tilt
         self._seen: collections.deque[torch.Tensor] = collections.deque(maxlen=memory)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         sources = list(self._seen)
         self._seen.append(image)
-        if not sources or float(torch.rand(1)) >= self.p:
+        with_background = bool(sources) and float(torch.rand(1)) < self.p
+        # No draw when cutting is off, so the wild set's random stream is as before.
+        with_cut = self.border_cut > 0 and float(torch.rand(1)) < self.border_cut
+        if not (with_background or with_cut):
             return image
         mask = fill_mask(image)
-        if not mask.any():
-            return image
+        if with_background and mask.any():
+            image = torch.where(torch.from_numpy(mask), self._texture(sources, image.shape[-1]), image)
+        if with_cut:
+            cut = border_cut_mask(
+                ~mask,
+                float(torch.empty(1).uniform_(*self.cut_fraction)),
+                int(torch.randint(4, (1,))),
+                float(torch.empty(1).uniform_(-self.cut_tilt, self.cut_tilt)),
+            )
+            fill = torch.tensor(FILL_COLOUR, dtype=image.dtype)[:, None, None]
+            image = torch.where(torch.from_numpy(cut), fill, image)
+        return image
+
+    def _texture(self, sources: list[torch.Tensor], size: int) -> torch.Tensor:
         source = sources[int(torch.randint(len(sources), (1,)))]
         side = source.shape[-1]
         window = max(8, round(side / float(torch.empty(1).uniform_(*self.zoom))))
         top, left = (int(torch.randint(side - window + 1, (1,))) for _ in range(2))
-        texture = resize_uint8(source[:, top : top + window, left : left + window], image.shape[-1])
+        texture = resize_uint8(source[:, top : top + window, left : left + window], size)
         if float(torch.rand(1)) < 0.5:
             texture = texture.flip(-1)
-        return torch.where(torch.from_numpy(mask), texture, image)
+        return texture
 
 
 def basic_augmentation(affine_fill: tuple[int, int, int] = (0, 0, 0)) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -101,10 +153,20 @@ def wild_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
     return [*basic_augmentation(affine_fill=FILL_COLOUR), RandomBackground(), *photo_degradations()]
 
 
+def wild_cut_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The wild set with one face in five cut off by a photo's border."""
+    return [
+        *basic_augmentation(affine_fill=FILL_COLOUR),
+        RandomBackground(border_cut=0.2),
+        *photo_degradations(),
+    ]
+
+
 AUGMENTATIONS: dict[str, Callable[[], list[Callable[[torch.Tensor], torch.Tensor]]]] = {
     "basic": basic_augmentation,
     "photo": photo_augmentation,
     "wild": wild_augmentation,
+    "wild_cut": wild_cut_augmentation,
 }
 
 
