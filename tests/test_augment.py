@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from agepipe.augment import RandomBackground, fill_mask, image_transform
+from agepipe.augment import RandomBackground, border_cut_mask, fill_mask, image_transform
 from agepipe.faces import FILL_COLOUR
 from agepipe.model import resize_uint8
 
@@ -55,8 +55,43 @@ def test_random_background_replaces_only_the_fill(faces: list[torch.Tensor]) -> 
     assert (replaced > 10).float().mean() > 0.5
 
 
-def test_wild_augmentation_gives_model_inputs(faces: list[torch.Tensor]) -> None:
+def test_border_cut_mask_cuts_its_share_of_the_source_from_the_side() -> None:
+    source = np.zeros((128, 128), bool)
+    source[20:, :] = True  # a crop whose top 20 rows lie outside its source image
+    left = border_cut_mask(source, 0.25, side=0, tilt=0.0)
+    assert left[:, :32].all() and not left[:, 32:].any()
+    top = border_cut_mask(source, 0.25, side=2, tilt=0.0)
+    assert top[:47].all() and not top[47:].any()  # 20 + a quarter of the 108 source rows
+    bottom = border_cut_mask(source, 0.5, side=3, tilt=0.0)
+    assert bottom[74:].all() and not bottom[:74].any()
+    tilted = border_cut_mask(source, 0.25, side=0, tilt=10.0)
+    assert not np.array_equal(tilted, left)
+    assert abs(tilted[source].mean() - 0.25) < 0.01  # the line turns about its point halfway down the source
+
+
+def test_random_background_cut_fills_one_side_and_keeps_the_rest(faces: list[torch.Tensor]) -> None:
+    cut = RandomBackground(p=0.0, border_cut=1.0, cut_tilt=0.0)
+    fill = torch.tensor(FILL_COLOUR, dtype=torch.uint8)[:, None]
+    for face in faces:
+        crop = _with_fill(face, strip=16)
+        out = cut(crop)
+        changed = (out != crop).any(0).numpy()
+        assert (out[:, torch.from_numpy(changed)] == fill).all()
+        visible = (crop != fill[:, :, None]).any(0).numpy()
+        coordinates = np.mgrid[0:128, 0:128]
+        bands = [  # every visible pixel up to the cut's reach from one side, and nothing else
+            visible & (position < reach if from_start else position >= reach)
+            for position, used in ((coordinates[1], changed.any(0)), (coordinates[0], changed.any(1)))
+            for from_start, reach in ((True, np.flatnonzero(used).max() + 1), (False, np.flatnonzero(used).min()))
+        ]
+        assert any(np.array_equal(changed, band) for band in bands)
+        assert 0.05 < changed[visible].mean() < 0.45  # 10-40% of the source's extent, the corner aside
+        assert fill_mask(out).sum() > fill_mask(crop).sum()
+
+
+@pytest.mark.parametrize("augmentation", ["wild", "wild_cut"])
+def test_wild_augmentations_give_model_inputs(faces: list[torch.Tensor], augmentation: str) -> None:
     crops = [_with_fill(face, strip=16) for face in faces]
-    outputs = [image_transform(96, train=True, augmentation="wild")(crop) for crop in crops]
+    outputs = [image_transform(96, train=True, augmentation=augmentation)(crop) for crop in crops]
     assert all(o.shape == (3, 96, 96) and o.dtype == torch.float32 for o in outputs)
-    assert not torch.equal(outputs[2], image_transform(96, train=False, augmentation="wild")(crops[2]))
+    assert not torch.equal(outputs[2], image_transform(96, train=False, augmentation=augmentation)(crops[2]))
