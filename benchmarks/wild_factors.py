@@ -1,5 +1,6 @@
 """What costs accuracy in photos, one factor at a time: the same held-out faces scored aligned, then
-pasted into a 640x480 photo with one change each (background, size, rotation, blur, JPEG).
+pasted into a 640x480 photo with one change each (background, size, rotation, blur, JPEG, the photo's
+border cutting part of the face off).
 
     .venv/bin/python benchmarks/wild_factors.py [--faces 300] [--model PATH] [--split PATH] [--results NAME]
 
@@ -39,26 +40,50 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def factors(backgrounds: list[np.ndarray], rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Name -> a function from a UTKFace image to the photo that tests that factor alone."""
+Photo = tuple[np.ndarray, tuple[float, float] | None]
 
-    def photo(face: np.ndarray, textured: bool = True, side: float = 200, angle: float = 0) -> np.ndarray:
+
+def factors(backgrounds: list[np.ndarray], rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], Photo]]:
+    """Name -> a function from a UTKFace image to the photo that tests that factor alone and where the
+    face's centre lies in it (None for the face image itself)."""
+
+    def photo(
+        face: np.ndarray,
+        textured: bool = True,
+        side: float = 200,
+        angle: float = 0,
+        centre: tuple[float, float] = CENTRE,
+    ) -> Photo:
         if textured:
             canvas = cv2.resize(backgrounds[int(rng.integers(len(backgrounds)))], (640, 480))
         else:
             canvas = np.full((480, 640, 3), FILL_COLOUR, np.uint8)
-        paste_face(canvas, face, CENTRE, side, angle)
-        return canvas
+        paste_face(canvas, face, centre, side, angle)
+        return canvas, centre
+
+    def cut(face: np.ndarray, share: float) -> Photo:
+        """The face image crossing a random border of the photo by `share` of its side."""
+        inside = 200 * (0.5 - share)
+        edge = int(rng.integers(4))
+        x = inside if edge == 0 else 640 - inside if edge == 1 else CENTRE[0]
+        y = inside if edge == 2 else 480 - inside if edge == 3 else CENTRE[1]
+        return photo(face, centre=(x, y))
+
+    def compressed(face: np.ndarray, quality: int) -> Photo:
+        canvas, centre = photo(face)
+        return jpeg(canvas, quality), centre
 
     return {
-        "aligned (the face image alone)": lambda face: face,
+        "aligned (the face image alone)": lambda face: (face, None),
         "on the fill colour, 200 px": lambda face: photo(face, textured=False),
         "on a photo background, 200 px": photo,
         "80 px": lambda face: photo(face, side=80),
         "rotated 12 degrees": lambda face: photo(face, angle=12),
         "blurred (sigma 1.5)": lambda face: photo(cv2.GaussianBlur(face, (0, 0), 1.5)),
-        "JPEG quality 70": lambda face: jpeg(photo(face), 70),
+        "JPEG quality 70": lambda face: compressed(face, 70),
         "brightness x0.7": lambda face: photo((face * 0.7).astype(np.uint8)),
+        "a quarter cut off by the border": lambda face: cut(face, 0.25),
+        "40% cut off by the border": lambda face: cut(face, 0.4),
     }
 
 
@@ -93,15 +118,17 @@ def main() -> None:
         image = np.asarray(Image.open(face.source).convert("RGB"))
         crops = {}
         for name, make in variants.items():
-            rows = [r for r in predictor.crop_images([make(image)])[0] if r["crop"] is not None]
+            picture, centre = make(image)
+            rows = [r for r in predictor.crop_images([picture])[0] if r["crop"] is not None]
             if not rows:
                 errors[name].append(np.nan)
                 continue
-            if name.startswith("aligned"):
+            if centre is None:
                 nearest = rows[0]
             else:
                 nearest = min(
-                    rows, key=lambda r: np.hypot((r["x1"] + r["x2"]) / 2 - 320, (r["y1"] + r["y2"]) / 2 - 240)
+                    rows,
+                    key=lambda r: np.hypot((r["x1"] + r["x2"]) / 2 - centre[0], (r["y1"] + r["y2"]) / 2 - centre[1]),
                 )
             crops[name] = nearest["crop"]
             errors[name].append(predictor.predict_crops([nearest["crop"]])[0]["age"] - face.age)
@@ -119,7 +146,8 @@ def main() -> None:
         [
             f"`benchmarks/wild_factors.py --faces {args.faces}`"
             + (f" --model {args.model}" if args.model else "")
-            + f": {args.faces} faces of the test split in {args.split.name}, each pasted whole at the photo's centre.",
+            + f": {args.faces} faces of the test split in {args.split.name}, each pasted whole at the photo's centre"
+            " but where the border cuts it (its centre a quarter or a tenth of its side inside a random edge).",
         ],
     )
 
