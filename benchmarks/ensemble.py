@@ -8,7 +8,9 @@ holds them (aligned), flip TTA off. The models must share one split (`--split`, 
 combination of networks of other crops or model configs is left out with a line, as `agepipe export`
 refuses it. `--soups` also scores each combination's weights averaged into one network (a "model soup",
 BatchNorm statistics averaged too), which costs one network's time: it works only for networks in one
-basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`).
+basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`). `--speed-images N`
+also times the scoring job (`agepipe score`, detection included) on N test images with the first model
+and with all of them as one ensemble, alternating, and gives each one's median images/s of three runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import test_split_crops, test_split_row, write_results  # noqa: E402
+from common import UTKFACE, linked_folder, median, test_split_crops, test_split_row, write_results  # noqa: E402
+from score import score_job  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL, export_for_sharing, read_checkpoint, save_checkpoint  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
     parser.add_argument("--name", default="ensemble", help="results file name under benchmarks/results")
     parser.add_argument("--soups", action="store_true", help="also score each combination's weights averaged")
+    parser.add_argument("--speed-images", type=int, default=0, help="time the scoring job on this many test images")
     args = parser.parse_args()
 
     frame, crops = test_split_crops(args.faces, args.split)
@@ -70,15 +74,36 @@ def main() -> None:
                     scored.append((f"soup of {names}", soup))
                 for label, checkpoint in scored:
                     predictions = Predictor(checkpoint, flip_tta=False).predict_crops(crops)
-                    rows.append({"models": label, **test_split_row(predictions, frame)})
+                    rows.append({"models": label, **test_split_row(predictions, frame), "checkpoint": checkpoint})
                     print(rows[-1], flush=True)
+        if args.speed_images:
+            ensembles = [row for row in rows[1:] if not row["models"].startswith("soup")]
+            timed = [rows[0], *ensembles[-1:]]
+            names = frame["name"][: args.speed_images]
+            images = linked_folder([UTKFACE / name for name in names], Path(scratch) / "images")
+            rates: list[list[float]] = [[] for _ in timed]
+            for attempt in range(3):
+                for index, row in enumerate(timed):
+                    output = Path(scratch) / f"scored-{attempt}-{index}"
+                    rates[index].append(score_job(images, output, {}, model=row["checkpoint"])[0])
+            for row, row_rates in zip(timed, rates, strict=True):
+                row["score images/s"] = median(row_rates)
+    for row in rows:
+        del row["checkpoint"]
+        if args.speed_images:
+            row.setdefault("score images/s", float("nan"))
     notes = [
         f"`python benchmarks/ensemble.py --faces {args.faces} --models {' '.join(args.models)}"
-        f"{' --soups' if args.soups else ''}`",
+        f"{' --soups' if args.soups else ''}{f' --speed-images {args.speed_images}' if args.speed_images else ''}`",
         "models: " + "; ".join(f"{i + 1}: `{model}`" for i, model in enumerate(args.models)),
         "the test split's faces as the crop dataset holds them (aligned), flip TTA off; an ensemble runs "
         "each of its networks on every face (its model time is the sum of theirs)",
     ]
+    if args.speed_images:
+        notes.append(
+            f"score images/s: `agepipe score` (YuNet detection, every face, flip TTA off) on {args.speed_images} test "
+            "images, the first model and the largest ensemble alternating, median of 3 runs each"
+        )
     write_results(args.name, rows, notes)
 
 

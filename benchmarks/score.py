@@ -46,11 +46,12 @@ FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out r
 
 
 def score_job(
-    input_dir: Path, output: Path, overrides: dict, flip_tta: bool = FLIP_TTA
+    input_dir: Path, output: Path, overrides: dict, flip_tta: bool = FLIP_TTA, model: str | None = None
 ) -> tuple[float, float, pd.DataFrame]:
     """The scoring job on the running local Ray: images/s, peak MiB of driver + cluster, its rows."""
     settings = ScoreSettings(
         input=str(input_dir),
+        model=model,
         output=str(output),
         crop_overrides=overrides,
         labels=LabelSettings(kind="utkface"),
