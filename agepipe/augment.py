@@ -147,17 +147,13 @@ def photo_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
     return [*basic_augmentation(), *photo_degradations()]
 
 
-def wild_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+def wild_augmentation(border_cut: float = 0.0) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """The photo set with a background wherever the crop runs past its image, the corners that the
-    affine uncovers included (they get the fill colour first, as the crop job gives them)."""
-    return [*basic_augmentation(affine_fill=FILL_COLOUR), RandomBackground(), *photo_degradations()]
-
-
-def wild_cut_augmentation() -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """The wild set with one face in five cut off by a photo's border."""
+    affine uncovers included (they get the fill colour first, as the crop job gives them); with
+    `border_cut`, that share of faces cut off by a photo's border too (`RandomBackground`)."""
     return [
         *basic_augmentation(affine_fill=FILL_COLOUR),
-        RandomBackground(border_cut=0.2),
+        RandomBackground(border_cut=border_cut),
         *photo_degradations(),
     ]
 
@@ -166,7 +162,7 @@ AUGMENTATIONS: dict[str, Callable[[], list[Callable[[torch.Tensor], torch.Tensor
     "basic": basic_augmentation,
     "photo": photo_augmentation,
     "wild": wild_augmentation,
-    "wild_cut": wild_cut_augmentation,
+    "wild_cut": functools.partial(wild_augmentation, border_cut=0.2),  # one face in five cut off
 }
 
 

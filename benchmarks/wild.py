@@ -138,10 +138,16 @@ def place(face_size: float, width: int, height: int, rng: np.random.Generator) -
     x = float(rng.uniform(min(side / 2, width / 2), max(width - side / 2, width / 2)))
     y = float(rng.uniform(min(side / 2, height / 2), max(height - side / 2, height / 2)))
     if rng.random() < 0.2:
-        inside = face_size * (0.5 - rng.uniform(0.1, 0.4))
-        edge = int(rng.integers(4))
-        x = inside if edge == 0 else width - inside if edge == 1 else x
-        y = inside if edge == 2 else height - inside if edge == 3 else y
+        x, y = at_border((x, y), face_size * (0.5 - rng.uniform(0.1, 0.4)), int(rng.integers(4)), width, height)
+    return x, y
+
+
+def at_border(center: tuple[float, float], inside: float, edge: int, width: int, height: int) -> tuple[float, float]:
+    """`center` moved to `inside` pixels from one border of a width x height photo (`edge`: 0 left,
+    1 right, 2 top, 3 bottom), the other coordinate kept."""
+    x, y = center
+    x = inside if edge == 0 else width - inside if edge == 1 else x
+    y = inside if edge == 2 else height - inside if edge == 3 else y
     return x, y
 
 

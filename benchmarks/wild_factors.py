@@ -24,7 +24,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import UTKFACE, write_results  # noqa: E402
-from wild import face_free_photos, held_out_faces, paste_face  # noqa: E402
+from wild import at_border, face_free_photos, held_out_faces, paste_face  # noqa: E402
 
 from agepipe.augment import fill_mask  # noqa: E402
 from agepipe.faces import FILL_COLOUR  # noqa: E402
@@ -63,11 +63,7 @@ def factors(backgrounds: list[np.ndarray], rng: np.random.Generator) -> dict[str
 
     def cut(face: np.ndarray, share: float) -> Photo:
         """The face image crossing a random border of the photo by `share` of its side."""
-        inside = 200 * (0.5 - share)
-        edge = int(rng.integers(4))
-        x = inside if edge == 0 else 640 - inside if edge == 1 else CENTRE[0]
-        y = inside if edge == 2 else 480 - inside if edge == 3 else CENTRE[1]
-        return photo(face, centre=(x, y))
+        return photo(face, centre=at_border(CENTRE, 200 * (0.5 - share), int(rng.integers(4)), 640, 480))
 
     def compressed(face: np.ndarray, quality: int) -> Photo:
         canvas, centre = photo(face)
