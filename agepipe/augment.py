@@ -190,9 +190,12 @@ def to_tensors(
     images = torch.stack([transform(decode_crop(b)) for b in batch["image"]])
     ages = np.array(batch["age"], dtype=np.float32)  # a writable copy for torch
     genders = [GENDERS.index(g) if g in GENDERS else -1 for g in batch["gender"]]
-    return {
+    tensors = {
         "image": images.contiguous(memory_format=torch.channels_last),
         "age": torch.from_numpy(ages),
         "group": torch.tensor([group_index(float(a), groups) for a in ages]),
         "gender": torch.tensor(genders),
     }
+    if "teacher" in batch:  # a distilled run's training rows: the teacher's predictions, one row a face
+        tensors["teacher"] = torch.from_numpy(np.stack(batch["teacher"]).astype(np.float32))
+    return tensors

@@ -247,6 +247,14 @@ class TrainSettings:
         help="fine-tune: start from this agepipe checkpoint's network (a path, a URI, or the word 'default' "
         "for the bundled model) instead of --pretrained backbone weights; its backbone, heads and groups must match",
     )
+    teacher: str | None = setting(
+        None,
+        help="distil: also train toward this agepipe checkpoint's predictions (one network or an ensemble, "
+        "any backbone, the same age groups), scored once on every training face before the first epoch",
+    )
+    teacher_weight: float = setting(
+        0.5, help="with --teacher: each head's loss is this share toward the teacher, the rest toward the labels"
+    )
     age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
     dense_units: int = setting(512, help="units of the shared dense layer")
     dropout: float = setting(0.3, help="dropout before the heads")

@@ -11,17 +11,21 @@ import io
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from agepipe import storage
+from agepipe.augment import decode_crop
 from agepipe.cluster import init_ray
-from agepipe.config import CropSettings, TrainSettings, recorded_crop_settings, to_dict
+from agepipe.config import CropSettings, TrainSettings, from_dict, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
-from agepipe.model import DEFAULT_MODEL, read_checkpoint, require_same_network, save_checkpoint
-from agepipe.train_data import plan_dataset, split_dataset
+from agepipe.model import DEFAULT_MODEL, ModelConfig, read_checkpoint, require_same_network, save_checkpoint
+from agepipe.predict import Predictor
+from agepipe.train_data import FaceKey, face_keys, plan_dataset, split_dataset
 from agepipe.train_loop import model_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -40,13 +44,10 @@ def crop_settings_of(data: str) -> CropSettings:
 CROP_VIEW_FIELDS = ("detector", "geometry", "margin", "size")
 
 
-def check_initial_checkpoint(settings: TrainSettings) -> None:
-    """Refuse a starting checkpoint whose network has another shape than the settings build, and warn
-    when it was trained on crops that show faces otherwise than this dataset's."""
-    checkpoint = read_checkpoint(settings.initial_checkpoint)
-    require_same_network(checkpoint, model_config(settings), settings.initial_checkpoint)
+def warn_of_other_crops(checkpoint: dict, uri: str, data: str, consequence: str) -> None:
+    """Warn when the crops a checkpoint was trained on show faces otherwise than the dataset's."""
     trained_on = recorded_crop_settings(checkpoint["crop"])
-    data_crop = crop_settings_of(settings.data)
+    data_crop = crop_settings_of(data)
     differences = [
         f"{name} {getattr(trained_on, name)!r} (the data: {getattr(data_crop, name)!r})"
         for name in CROP_VIEW_FIELDS
@@ -54,12 +55,90 @@ def check_initial_checkpoint(settings: TrainSettings) -> None:
     ]
     if differences:
         logger.warning(
-            "%s was trained on other crops than %s holds: %s; fine-tuning will first have to unlearn them "
-            "(crop the images as it was trained, or start from --pretrained weights)",
-            settings.initial_checkpoint,
-            settings.data,
-            "; ".join(differences),
+            "%s was trained on other crops than %s holds: %s; %s", uri, data, "; ".join(differences), consequence
         )
+
+
+def check_initial_checkpoint(settings: TrainSettings) -> None:
+    """Refuse a starting checkpoint whose network has another shape than the settings build, and warn
+    when it was trained on crops that show faces otherwise than this dataset's."""
+    checkpoint = read_checkpoint(settings.initial_checkpoint)
+    require_same_network(checkpoint, model_config(settings), settings.initial_checkpoint)
+    consequence = (
+        "fine-tuning will first have to unlearn them (crop the images as it was trained, or start from "
+        "--pretrained weights)"
+    )
+    warn_of_other_crops(checkpoint, settings.initial_checkpoint, settings.data, consequence)
+
+
+def check_teacher(settings: TrainSettings) -> None:
+    """Refuse a teacher whose age groups differ from the run's (its group probabilities are the targets),
+    and warn when it was trained on crops that show faces otherwise than this dataset's."""
+    checkpoint = read_checkpoint(settings.teacher)
+    teacher_groups = from_dict(ModelConfig, checkpoint["model_config"]).groups
+    if teacher_groups != settings.labels.groups:
+        raise ValueError(
+            f"--teacher {settings.teacher} predicts the age groups {teacher_groups.names} at "
+            f"{teacher_groups.lower_bounds}, this run trains {settings.labels.groups.names} at "
+            f"{settings.labels.groups.lower_bounds}: distil from a teacher with the run's groups"
+        )
+    consequence = "as a teacher its predictions on these crops are worse targets than on its own"
+    warn_of_other_crops(checkpoint, settings.teacher, settings.data, consequence)
+
+
+def teacher_predictions(predictor: Predictor, images: Sequence[bytes]) -> np.ndarray:
+    """Per encoded crop, the teacher's age, age-group probabilities and gender probabilities in one row
+    (what `train_loop.distilled_losses` reads), on the network input that validation and scoring use."""
+    inputs = torch.stack([predictor.transform(decode_crop(image)) for image in images])
+    outputs = predictor.predict_tensor(inputs.to(predictor.device))
+    return torch.cat([outputs["age"][:, None], outputs["group"], outputs["gender"]], -1).float().cpu().numpy()
+
+
+class TeacherScorer:
+    """Ray Data UDF: `teacher_predictions` for the crop dataset's rows among `faces`."""
+
+    def __init__(self, teacher: str, faces: set[FaceKey]) -> None:
+        self.predictor = Predictor(teacher)
+        self.faces = faces
+
+    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        wanted = [key in self.faces for key in face_keys(batch)]
+        keys = [key for key, keep in zip(face_keys(batch), wanted, strict=True) if keep]
+        images = batch["image"].to_numpy()[wanted]
+        step = self.predictor.batch_size
+        width = 1 + len(self.predictor.group_names) + 2
+        rows = [teacher_predictions(self.predictor, images[i : i + step]) for i in range(0, len(images), step)]
+        return {
+            "path": np.array([path for path, _ in keys], dtype=object),
+            "face_index": np.array([index for _, index in keys], dtype=np.int64),
+            "teacher": np.concatenate(rows) if rows else np.zeros((0, width), dtype=np.float32),
+        }
+
+
+def teacher_targets(settings: TrainSettings, plan: pd.DataFrame) -> dict[FaceKey, np.ndarray]:
+    """The teacher's predictions for every face the run trains on, scored once on the cluster."""
+    import ray.data
+
+    faces = set(face_keys(plan[plan["trained"]]))
+    fs, path = storage.resolve(settings.data)
+    logger.info("scoring the %d training faces with the teacher %s", len(faces), settings.teacher)
+    scored = ray.data.read_parquet(
+        path, filesystem=fs, columns=["path", "face_index", "image"], file_extensions=["parquet"]
+    ).map_batches(
+        TeacherScorer,
+        fn_constructor_args=(settings.teacher, faces),
+        batch_format="pandas",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    targets: dict[FaceKey, np.ndarray] = {}
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        keys = zip(batch["path"].tolist(), batch["face_index"].tolist(), strict=True)
+        targets.update(zip(keys, batch["teacher"], strict=True))
+    missing = len(faces - targets.keys())
+    if missing:
+        raise RuntimeError(f"the teacher scored {len(targets)} of the {len(faces)} training faces ({missing} missing)")
+    return targets
 
 
 def require_gpus(settings: TrainSettings, cluster_gpus: float) -> None:
@@ -81,6 +160,8 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
         raise ValueError("train needs --data and --output")
     if settings.initial_checkpoint:
         check_initial_checkpoint(settings)  # a mismatch fails here, not in the workers
+    if settings.teacher:
+        check_teacher(settings)
     init_ray(log_to_driver=True)
     require_gpus(settings, ray.cluster_resources().get("GPU", 0))
     # Per-epoch metrics are the progress report; Data's bars from inside workers would flood the log.
@@ -111,6 +192,7 @@ def make_trainer(
     name: str,
     callbacks: list | None = None,
     materialize_train: bool = False,
+    teacher: dict[FaceKey, np.ndarray] | None = None,
 ) -> Any:
     """The TorchTrainer for one run; re-made with the same storage and name, it resumes that run."""
     import ray
@@ -121,7 +203,7 @@ def make_trainer(
     cpus_per_worker = settings.cpus_per_worker or worker_cpus(cluster_cpus, settings.num_workers)
     data_cpus = 0.25
     fs, path = storage.resolve(storage_uri)
-    train = split_dataset(settings, plan, "train", data_cpus)
+    train = split_dataset(settings, plan, "train", data_cpus, teacher)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -176,8 +258,12 @@ def with_absolute_paths(settings: TrainSettings) -> TrainSettings:
     initial = settings.initial_checkpoint
     if initial is not None:
         initial = str(DEFAULT_MODEL) if initial == "default" else storage.absolute(initial)
+    teacher = settings.teacher
+    if teacher is not None:
+        teacher = str(DEFAULT_MODEL) if teacher == "default" else storage.absolute(teacher)
     return dataclasses.replace(
         settings,
+        teacher=teacher,
         data=storage.absolute(settings.data),
         output=storage.absolute(settings.output),
         pretrained=pretrained,
@@ -192,5 +278,6 @@ def run_training(settings: TrainSettings) -> dict:
     """
     settings = with_absolute_paths(settings)
     plan = prepare_run(settings)
-    result = make_trainer(settings, plan, settings.output, "ray_train").fit()
+    teacher = teacher_targets(settings, plan) if settings.teacher else None
+    result = make_trainer(settings, plan, settings.output, "ray_train", teacher=teacher).fit()
     return export_checkpoint(result.checkpoint, settings, settings.output)

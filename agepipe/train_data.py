@@ -92,22 +92,39 @@ def training_splits(settings: TrainSettings) -> tuple[str, ...]:
     return ("train", "val") if settings.train_on_val else ("train",)
 
 
-class SplitFilter:
-    """Ray Data UDF: keep the rows of one split, repeated by their balancing copies."""
+FaceKey = tuple[str, int]  # a face in the crop dataset: its image's path and face index (-1: none recorded)
 
-    def __init__(self, copies: dict[tuple[str, int], int]) -> None:
+
+def face_keys(batch: pd.DataFrame) -> list[FaceKey]:
+    return list(zip(batch["path"], batch["face_index"].fillna(-1).astype(int), strict=True))
+
+
+class SplitFilter:
+    """Ray Data UDF: keep the rows of one split, repeated by their balancing copies, with the teacher's
+    predictions as a `teacher` column when a distilled run has them."""
+
+    def __init__(self, copies: dict[FaceKey, int], teacher: dict[FaceKey, np.ndarray] | None = None) -> None:
         self.copies = copies
+        self.teacher = teacher
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        keys = zip(batch["path"], batch["face_index"].fillna(-1).astype(int), strict=True)
+        keys = face_keys(batch)
         repeats = np.array([self.copies.get(key, 0) for key in keys], dtype=np.int64)
-        columns = ["image", "age", "gender"]
-        return batch[columns].loc[batch.index.repeat(repeats)].reset_index(drop=True)
+        kept = batch[["image", "age", "gender"]]
+        if self.teacher is not None:
+            kept = kept.assign(teacher=[self.teacher.get(key) for key in keys])
+        return kept.loc[batch.index.repeat(repeats)].reset_index(drop=True)
 
 
-def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus: float) -> Any:
+def split_dataset(
+    settings: TrainSettings,
+    plan: pd.DataFrame,
+    split: str,
+    cpus: float,
+    teacher: dict[FaceKey, np.ndarray] | None = None,
+) -> Any:
     """The Ray Dataset of one split: for 'train' the faces trained on (`training_splits`) with their
-    balancing copies, for any other split each of its faces once."""
+    balancing copies and the `teacher`'s predictions if given, for any other split each of its faces once."""
     import ray.data
 
     fs, path = storage.resolve(settings.data)
@@ -125,7 +142,8 @@ def split_dataset(settings: TrainSettings, plan: pd.DataFrame, split: str, cpus:
         file_extensions=["parquet"],
         num_cpus=cpus,
     )
-    dataset = dataset.map_batches(SplitFilter(copies), batch_format="pandas", num_cpus=cpus)
+    split_filter = SplitFilter(copies, teacher if split == "train" else None)
+    dataset = dataset.map_batches(split_filter, batch_format="pandas", num_cpus=cpus)
     # Crop datasets are often ordered (by file name, hence by age for UTKFace): without a full
     # shuffle every batch holds one narrow age range and the model chases it.
     return dataset.random_shuffle(num_cpus=cpus) if split == "train" else dataset

@@ -41,23 +41,59 @@ def age_targets(ages: torch.Tensor, max_age: int, sigma: float) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def age_loss(
+    outputs: dict[str, torch.Tensor], ages: torch.Tensor, config: ModelConfig, settings: TrainSettings
+) -> torch.Tensor:
+    """The age head's loss toward `ages`."""
+    if config.age_head == "distribution":
+        target = age_targets(ages, config.max_age, settings.label_sigma)
+        predicted, _ = age_estimate(outputs["age"], config)
+        return soft_cross_entropy(outputs["age"], target) + 0.1 * F.l1_loss(predicted, ages)
+    return 0.1 * F.smooth_l1_loss(outputs["age"].squeeze(-1), ages, beta=2.0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy toward a probability per class (a one-hot row gives the usual cross-entropy)."""
+    return -(probabilities * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def distilled_losses(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: ModelConfig, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Age, group and gender losses each `teacher_weight` toward the teacher's predictions (`batch['teacher']`:
+    age, group probabilities, gender probabilities) and the rest toward the labels; a face without a gender
+    label learns its gender from the teacher alone."""
+    weight = settings.teacher_weight
+    groups = len(config.groups.names)
+    teacher = batch["teacher"]
+    ages = (1 - weight) * age_loss(outputs, batch["age"], config, settings) + weight * age_loss(
+        outputs, teacher[:, 0], config, settings
+    )
+    group_target = (1 - weight) * F.one_hot(batch["group"], groups) + weight * teacher[:, 1 : 1 + groups]
+    known = batch["gender"] >= 0
+    gender_target = teacher[:, 1 + groups :].clone()
+    gender_target[known] = (1 - weight) * F.one_hot(batch["gender"][known], 2) + weight * gender_target[known]
+    return (
+        ages,
+        soft_cross_entropy(outputs["group"], group_target),
+        soft_cross_entropy(outputs["gender"], gender_target),
+    )
+
+
 def multitask_loss(
     model: AgeModel, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum of the three head losses, and the batch's predicted ages."""
+    """Weighted sum of the three head losses (toward the labels, and the teacher where the batch has its
+    predictions), and the batch's predicted ages."""
     config = model.config
     predicted, _ = age_estimate(outputs["age"], config)
-    if config.age_head == "distribution":
-        target = age_targets(batch["age"], config.max_age, settings.label_sigma)
-        distribution_loss = -(target * outputs["age"].log_softmax(-1)).sum(-1).mean()
-        age_loss = distribution_loss + 0.1 * F.l1_loss(predicted, batch["age"])
+    if "teacher" in batch:
+        ages, groups, genders = distilled_losses(outputs, batch, config, settings)
     else:
-        age_loss = 0.1 * F.smooth_l1_loss(outputs["age"].squeeze(-1), batch["age"], beta=2.0)
-    loss = (
-        settings.age_loss_weight * age_loss
-        + settings.group_loss_weight * F.cross_entropy(outputs["group"], batch["group"])
-        + settings.gender_loss_weight * masked_cross_entropy(outputs["gender"], batch["gender"])
-    )
+        ages = age_loss(outputs, batch["age"], config, settings)
+        groups = F.cross_entropy(outputs["group"], batch["group"])
+        genders = masked_cross_entropy(outputs["gender"], batch["gender"])
+    loss = settings.age_loss_weight * ages + settings.group_loss_weight * groups + settings.gender_loss_weight * genders
     return loss, predicted
 
 

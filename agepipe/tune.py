@@ -163,6 +163,8 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     space = search_space(settings.search_space)  # a bad space is reported before Ray starts
     if settings.train.train_on_val:
         raise ValueError("tune ranks trials by validation MAE: leave out --train-on-val (it trains on those faces)")
+    if settings.train.teacher:
+        raise ValueError("tune does not distil: leave out --teacher (agepipe train distils, with the recipe found)")
     varied_shape = sorted(set(settings.search_space) & set(NETWORK_SHAPE_FIELDS))
     if settings.train.initial_checkpoint and varied_shape:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,12 @@ import pytest
 import torch
 from helpers import TINY_RUN, registered_checkpoints, run_cli
 
+from agepipe.augment import decode_crop
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
-from agepipe.labels import group_index
+from agepipe.labels import GENDERS, group_index
 from agepipe.model import DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
-from agepipe.train import check_initial_checkpoint, require_gpus
+from agepipe.predict import Predictor
+from agepipe.train import check_initial_checkpoint, require_gpus, teacher_targets
 from agepipe.train_data import balancing_weights, plan_dataset, split_dataset, stratified_split, usable_rows
 from agepipe.train_loop import (
     LR_SCHEDULES,
@@ -260,3 +263,93 @@ def test_use_gpu_without_gpus_exits_with_a_message_instead_of_waiting(ray_local,
     assert require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=2) is None
     with pytest.raises(ValueError, match="--num-workers 1"):
         require_gpus(TrainSettings(use_gpu=True, num_workers=2), cluster_gpus=1)
+
+
+def _labelled_batch(ages: list[float]) -> dict[str, torch.Tensor]:
+    age = torch.tensor(ages)
+    return {
+        "age": age,
+        "group": torch.tensor([group_index(float(a), AgeGroups()) for a in ages]),
+        "gender": torch.tensor([0, 1, -1, 0][: len(ages)]),
+    }
+
+
+def _teacher_rows(ages: list[float], groups: list[int], genders: list[int]) -> torch.Tensor:
+    group_probs = torch.nn.functional.one_hot(torch.tensor(groups), len(AgeGroups().names)).float()
+    gender_probs = torch.nn.functional.one_hot(torch.tensor(genders), 2).float()
+    return torch.cat([torch.tensor(ages)[:, None], group_probs, gender_probs], -1)
+
+
+def test_a_distilled_loss_is_the_label_loss_at_weight_0_or_when_the_teacher_agrees_and_learns_the_teacher() -> None:
+    torch.manual_seed(0)
+    settings = TrainSettings(pretrained=None, image_size=64, dense_units=32, dropout=0.0)
+    model = AgeModel(model_config(settings))
+    model.eval()
+    ages = [3.0, 20.0, 35.0, 70.0]
+    batch = {"image": torch.randn(4, 3, 64, 64), **_labelled_batch(ages), "gender": torch.tensor([0, 1, 1, 0])}
+    outputs = network_outputs(model, batch["image"], "fp32")
+    label_loss = multitask_loss(model, outputs, batch, settings)[0].item()
+    disagreeing = _teacher_rows([50.0] * 4, [3] * 4, [1] * 4)
+    unweighted = dataclasses.replace(settings, teacher_weight=0.0)
+    assert multitask_loss(model, outputs, {**batch, "teacher": disagreeing}, unweighted)[0].item() == pytest.approx(
+        label_loss, rel=1e-5
+    )
+    agreeing = _teacher_rows(ages, batch["group"].tolist(), batch["gender"].tolist())
+    assert multitask_loss(model, outputs, {**batch, "teacher": agreeing}, settings)[0].item() == pytest.approx(
+        label_loss, rel=1e-5
+    )
+    assert multitask_loss(model, outputs, {**batch, "teacher": disagreeing}, settings)[0].item() > label_loss + 0.1
+
+    # Trained toward the teacher alone, the network's predictions go where the teacher's are.
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    teacher_only = dataclasses.replace(settings, teacher_weight=1.0)
+    for _ in range(60):
+        outputs = network_outputs(model, batch["image"], "fp32")
+        loss, _ = multitask_loss(model, outputs, {**batch, "teacher": disagreeing}, teacher_only)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():  # still in training mode: BatchNorm's statistics of this batch, as it was fitted
+        outputs = network_outputs(model, batch["image"], "fp32")
+    assert (outputs["age"].squeeze(-1) - 50.0).abs().max() < 5, outputs["age"]
+    assert (outputs["group"].argmax(-1) == 3).all() and (outputs["gender"].argmax(-1) == 1).all()
+
+
+def test_a_distilled_run_scores_each_training_face_with_its_teacher_and_trains_toward_it(
+    small_faces, ray_local, tmp_path
+) -> None:
+    settings = TrainSettings(data=str(small_faces), output=str(tmp_path / "unused"), teacher=str(DEFAULT_MODEL))
+    plan, _ = plan_dataset(settings)
+    targets = teacher_targets(settings, plan)
+    trained = plan[plan["trained"]]
+    assert set(targets) == set(zip(trained["path"], trained["face_index"].fillna(-1).astype(int), strict=True))
+    # Each face's row is the teacher's own prediction on that crop, as `agepipe score` gives it for a crop.
+    predictor = Predictor(str(DEFAULT_MODEL))
+    crops = pd.read_parquet(small_faces, columns=["path", "face_index", "image"]).set_index("path")
+    for path, face_index in list(targets)[:5]:
+        crop = decode_crop(crops.loc[path, "image"]).permute(1, 2, 0).numpy()
+        expected = predictor.predict_crops([crop])[0]
+        row = targets[(path, face_index)]
+        assert row[0] == pytest.approx(expected["age"], abs=0.05)
+        assert row[1:6] == pytest.approx(list(expected["age_group_probs"].values()), abs=1e-3)
+        assert row[6 + GENDERS.index(expected["gender"])] == pytest.approx(expected["gender_prob"], abs=1e-3)
+    rows = split_dataset(settings, plan, "train", 0.25, targets).take_all()
+    assert len(rows) == trained["copies"].sum() and all(row["teacher"].shape == (8,) for row in rows)
+    assert "teacher" not in split_dataset(settings, plan, "val", 0.25, targets).take(1)[0]
+
+    # The whole command: a student of another backbone than its teacher trains on the teacher's targets.
+    output = tmp_path / "run"
+    result = run_cli("train", "--data", str(small_faces), "--output", str(output), *TINY_RUN,
+                     "--phase2-epochs", "1", "--teacher", "default", "--teacher-weight", "0.7")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scoring the" in result.stderr and "training faces with the teacher" in result.stderr
+    recorded = json.loads((output / "settings.json").read_text())
+    assert recorded["teacher"] == str(DEFAULT_MODEL) and recorded["teacher_weight"] == 0.7
+    assert len(pd.read_csv(output / "metrics.csv")) == 1
+
+
+def test_a_search_that_distils_is_refused(tmp_path) -> None:
+    settings = TuneSettings(train=TrainSettings(data="d", output=str(tmp_path / "o"), teacher="default"))
+    with pytest.raises(ValueError, match="tune does not distil: leave out --teacher"):
+        run_tune(settings)
