@@ -133,8 +133,11 @@ def teacher_targets(settings: TrainSettings, plan: pd.DataFrame) -> dict[FaceKey
     )
     targets: dict[FaceKey, np.ndarray] = {}
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        before = len(targets)
         keys = zip(batch["path"].tolist(), batch["face_index"].tolist(), strict=True)
         targets.update(zip(keys, batch["teacher"], strict=True))
+        if len(targets) * 10 // len(faces) > before * 10 // len(faces):  # a line per tenth: the scoring's progress
+            logger.info("teacher: %d of %d training faces scored", len(targets), len(faces))
     missing = len(faces - targets.keys())
     if missing:
         raise RuntimeError(f"the teacher scored {len(targets)} of the {len(faces)} training faces ({missing} missing)")

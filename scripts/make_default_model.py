@@ -107,6 +107,7 @@ def main() -> None:
     model = str(out / DEFAULT_MODEL.name)
     train_settings = json.loads((run / "settings.json").read_text())
     base_command, base_history = base_run(train_settings)  # before the export, which may overwrite it
+    teacher_commands, teacher_text = teacher_runs(train_settings)
     crop = export_for_sharing([str(run / "model.pt")], model)
     split = pd.read_parquet(run / "split.parquet")
     split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
@@ -172,9 +173,10 @@ def main() -> None:
         workers=train_settings["num_workers"],
         schedule=train_settings.get("lr_schedule", "plateau"),
         tried=tried_section(WEIGHTS / "MODEL_CARD.md"),
-        base_command=base_command,
-        initial_flag=" --initial-checkpoint out/runs/base/model.pt" if base_command else "",
-        base_history=base_history,
+        base_command=base_command + teacher_commands,
+        initial_flag=(" --initial-checkpoint out/runs/base/model.pt" if base_command else "")
+        + (" --teacher out/teacher.pt" if teacher_commands else ""),
+        base_history=base_history + teacher_text,
         wild_mae=wild_photos["MAE"],
         wild_gap=wild_photos["MAE"] - wild_aligned["MAE"],
         race_ratio=max(r["mae"] for r in test["by_race"]) / test["age"]["mae"],
@@ -221,6 +223,7 @@ SETTINGS_SHOWN = (
     "seed",
     "num_workers",
     "train_on_val",
+    "teacher_weight",
 )
 
 CARD = """# agepipe default model
@@ -341,6 +344,36 @@ def base_run(train_settings: dict) -> tuple[str, str]:
         f"{markdown_table(history, float_format='.4g')}\n"
     )
     return command, text
+
+
+def teacher_runs(train_settings: dict) -> tuple[str, str]:
+    """For a distilled run (`--teacher`): the commands that trained and exported its teacher, from the
+    settings recorded in the teacher's networks, and their best epochs; empty strings otherwise."""
+    teacher = train_settings.get("teacher")
+    if not teacher:
+        return "", ""
+    checkpoint = read_checkpoint(teacher)
+    members = checkpoint.get("members") or [checkpoint]
+    outputs = [f"out/runs/teacher-{index}" for index in range(1, len(members) + 1)]
+    commands = "".join(
+        f"agepipe train --data out/faces-utk --output {output}{train_flags(member['train_settings'])}\n"
+        for output, member in zip(outputs, members, strict=True)
+    )
+    if len(members) > 1:
+        commands += f"agepipe export --model {' '.join(f'{o}/model.pt' for o in outputs)} --output out/teacher.pt\n"
+    else:
+        commands += "cp out/runs/teacher-1/model.pt out/teacher.pt\n"
+    described = ", ".join(
+        f"`{member.get('source', teacher)}` (best validation MAE {member['val_mae']:.2f} at epoch "
+        f"{member['epoch']})"
+        for member in members
+    )
+    text = (
+        f"\nDistilled: the teacher (`out/teacher.pt` above; `{Path(teacher).name}` then) was "
+        f"{'an ensemble of ' if len(members) > 1 else ''}{described}; it scored every training face once, and "
+        f"each head learnt {train_settings['teacher_weight']:g} toward its predictions, the rest toward the labels.\n"
+    )
+    return commands, text
 
 
 def tried_section(card: Path) -> str:

@@ -344,6 +344,7 @@ def test_a_distilled_run_scores_each_training_face_with_its_teacher_and_trains_t
                      "--phase2-epochs", "1", "--teacher", "default", "--teacher-weight", "0.7")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scoring the" in result.stderr and "training faces with the teacher" in result.stderr
+    assert "teacher: 192 of 192 training faces scored" in result.stderr
     recorded = json.loads((output / "settings.json").read_text())
     assert recorded["teacher"] == str(DEFAULT_MODEL) and recorded["teacher_weight"] == 0.7
     assert len(pd.read_csv(output / "metrics.csv")) == 1
