@@ -364,8 +364,7 @@ def teacher_runs(train_settings: dict) -> tuple[str, str]:
     else:
         commands += "cp out/runs/teacher-1/model.pt out/teacher.pt\n"
     described = ", ".join(
-        f"`{member.get('source', teacher)}` (best validation MAE {member['val_mae']:.2f} at epoch "
-        f"{member['epoch']})"
+        f"`{member.get('source', teacher)}` (best validation MAE {member['val_mae']:.2f} at epoch {member['epoch']})"
         for member in members
     )
     text = (
