@@ -102,8 +102,9 @@ class TeacherScorer:
         self.faces = faces
 
     def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        wanted = [key in self.faces for key in face_keys(batch)]
-        keys = [key for key, keep in zip(face_keys(batch), wanted, strict=True) if keep]
+        all_keys = face_keys(batch)
+        wanted = [key in self.faces for key in all_keys]
+        keys = [key for key, keep in zip(all_keys, wanted, strict=True) if keep]
         images = batch["image"].to_numpy()[wanted]
         step = self.predictor.batch_size
         width = 1 + len(self.predictor.group_names) + 2
@@ -258,20 +259,21 @@ def with_absolute_paths(settings: TrainSettings) -> TrainSettings:
     pretrained = settings.pretrained
     if pretrained not in (None, "default", "hub"):
         pretrained = storage.absolute(pretrained)
-    initial = settings.initial_checkpoint
-    if initial is not None:
-        initial = str(DEFAULT_MODEL) if initial == "default" else storage.absolute(initial)
-    teacher = settings.teacher
-    if teacher is not None:
-        teacher = str(DEFAULT_MODEL) if teacher == "default" else storage.absolute(teacher)
     return dataclasses.replace(
         settings,
-        teacher=teacher,
         data=storage.absolute(settings.data),
         output=storage.absolute(settings.output),
         pretrained=pretrained,
-        initial_checkpoint=initial,
+        initial_checkpoint=absolute_checkpoint(settings.initial_checkpoint),
+        teacher=absolute_checkpoint(settings.teacher),
     )
+
+
+def absolute_checkpoint(uri: str | None) -> str | None:
+    """A checkpoint setting as an absolute path or URI; the word 'default' names the bundled model."""
+    if uri is None:
+        return None
+    return str(DEFAULT_MODEL) if uri == "default" else storage.absolute(uri)
 
 
 def run_training(settings: TrainSettings) -> dict:
