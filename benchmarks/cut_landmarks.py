@@ -8,7 +8,6 @@ face (moved by the offset between the two placements), and both crops are scored
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, write_results  # noqa: E402
-from wild import at_border, face_free_photos, held_out_faces, paste_face  # noqa: E402
+from common import write_results  # noqa: E402
+from wild import at_border, face_free_photos, paste_face, sampled_held_out_faces  # noqa: E402
 
 from agepipe.detectors import Face  # noqa: E402
 from agepipe.faces import crop_face  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
 
 CENTRE = (320.0, 240.0)
@@ -52,13 +50,7 @@ def eye_distance(face: Face) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=int, default=300)
-    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
-    parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
-    parser.add_argument("--results", default="cut-landmarks")
-    args = parser.parse_args()
-    faces = held_out_faces(args.split, UTKFACE).sample(args.faces, random_state=0)
+    args, faces = sampled_held_out_faces(__doc__.splitlines()[0], "cut-landmarks")
     predictor = Predictor(args.model, {"all_faces": True})
     backgrounds = list(face_free_photos().values())
     rng = np.random.default_rng(0)

@@ -92,6 +92,18 @@ def held_out_faces(split_file: Path, images_root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sampled_held_out_faces(description: str, results: str) -> tuple[argparse.Namespace, pd.DataFrame]:
+    """The command line of a benchmark that scores a sample of a model's held-out faces (--faces, --model,
+    --split, --results), and that sample (seeded)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--faces", type=int, default=300)
+    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
+    parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
+    parser.add_argument("--results", default=results)
+    args = parser.parse_args()
+    return args, held_out_faces(args.split, UTKFACE).sample(args.faces, random_state=0)
+
+
 @dataclass
 class PastedFace:
     """Where a face went: centre and face size in photo pixels."""

@@ -10,7 +10,6 @@ the face found nearest the pasted centre is the one measured.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from collections.abc import Callable
@@ -23,12 +22,11 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, write_results  # noqa: E402
-from wild import at_border, face_free_photos, held_out_faces, paste_face  # noqa: E402
+from common import write_results  # noqa: E402
+from wild import at_border, face_free_photos, paste_face, sampled_held_out_faces  # noqa: E402
 
 from agepipe.augment import fill_mask  # noqa: E402
 from agepipe.faces import FILL_COLOUR  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
 
 CENTRE = (320.0, 240.0)
@@ -99,13 +97,7 @@ def restored_fill_error(predictor: Predictor, crops: dict[str, np.ndarray], age:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=int, default=300)
-    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
-    parser.add_argument("--split", type=Path, default=DEFAULT_MODEL.parent / "default_split.parquet")
-    parser.add_argument("--results", default="wild-factors")
-    args = parser.parse_args()
-    faces = held_out_faces(args.split, UTKFACE).sample(args.faces, random_state=0)
+    args, faces = sampled_held_out_faces(__doc__.splitlines()[0], "wild-factors")
     predictor = Predictor(args.model, {"all_faces": True})
     rng = np.random.default_rng(0)
     variants = factors(list(face_free_photos().values()), rng)
