@@ -286,6 +286,11 @@ class TrainSettings:
     group_loss_weight: float = setting(1.0, help="weight of the age-group loss")
     gender_loss_weight: float = setting(1.0, help="weight of the gender loss")
     label_sigma: float = setting(2.0, help="distribution head: label smoothing in years")
+    age_weighting: str = setting(
+        "none",
+        help="age loss per face by how common its age is in training (sqrt_inverse: rarer ages weigh more)",
+        choices="agepipe.train_data:AGE_WEIGHTINGS",
+    )
     max_per_age: int = setting(2000, help="training faces kept per year of age at most")
     min_per_age: int = setting(10, help="training faces per year of age at least (repeated)")
     val_fraction: float = setting(0.1, help="share of images held out for validation")

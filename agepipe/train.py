@@ -25,7 +25,7 @@ from agepipe.config import CropSettings, TrainSettings, from_dict, recorded_crop
 from agepipe.crop import CROP_SETTINGS_FILE
 from agepipe.model import DEFAULT_MODEL, ModelConfig, read_checkpoint, require_same_network, save_checkpoint
 from agepipe.predict import Predictor
-from agepipe.train_data import FaceKey, face_keys, plan_dataset, split_dataset
+from agepipe.train_data import FaceKey, age_loss_weights, face_keys, plan_dataset, split_dataset
 from agepipe.train_loop import model_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,9 @@ def make_trainer(
             "crop": to_dict(crop_settings_of(settings.data)),
             "threads_per_worker": max(1, int(cluster_cpus // settings.num_workers)),
             "mean_train_age": float(plan.loc[plan["trained"], "age"].mean()),
+            "age_weights": age_loss_weights(
+                plan["age"].repeat(plan["copies"]).to_numpy(), int(settings.labels.max_age), settings.age_weighting
+            ).tolist(),
             "train_steps_per_epoch": int(plan["copies"].sum()) // (settings.batch_size * settings.num_workers),
         },
         scaling_config=ray.train.ScalingConfig(

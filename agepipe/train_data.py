@@ -7,6 +7,7 @@ process PyTorch's import would cost seconds and hundreds of MB before the first 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,35 @@ def balancing_weights(ages: pd.Series, max_per_age: int, min_per_age: int, seed:
             extra = min_per_age - len(index)
             np.add.at(copies, rng.choice(index, extra, replace=True), 1)
     return copies
+
+
+def smoothed_age_density(ages: np.ndarray, max_age: int, sigma: float = 2.0) -> np.ndarray:
+    """Training faces per year of age 0..max_age, smoothed by a Gaussian of `sigma` years (label
+    distribution smoothing: a year's neighbours share its faces' appearance, so a rare year between common
+    ones is not rare), reflected at the ends."""
+    counts = np.bincount(np.clip(np.round(ages), 0, max_age).astype(int), minlength=max_age + 1).astype(float)
+    reach = int(3 * sigma)
+    kernel = np.exp(-(np.arange(-reach, reach + 1) ** 2) / (2 * sigma**2))
+    return np.convolve(np.pad(counts, reach, mode="reflect"), kernel / kernel.sum(), mode="valid")
+
+
+# How the age loss weighs a face, from its age's smoothed density: "none" weighs every face alike;
+# "sqrt_inverse" by the density's inverse square root (Yang et al. 2021, "Delving into Deep Imbalanced
+# Regression"), so that the crowded 20s and 30s pull the estimates of rarer ages toward them less.
+AGE_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": np.ones_like,
+    "sqrt_inverse": lambda density: 1.0 / np.sqrt(np.maximum(density, 1.0)),
+}
+
+
+def age_loss_weights(ages: np.ndarray, max_age: int, weighting: str) -> np.ndarray:
+    """The age loss's weight per year of age 0..max_age for the training faces' `ages` (one entry per face
+    as trained, copies included), scaled so that their mean weight is 1: the loss keeps its size."""
+    if weighting not in AGE_WEIGHTINGS:
+        raise ValueError(f"unknown age weighting {weighting!r}: choose one of {sorted(AGE_WEIGHTINGS)}")
+    weights = AGE_WEIGHTINGS[weighting](smoothed_age_density(ages, max_age))
+    years = np.clip(np.round(ages), 0, max_age).astype(int)
+    return weights / weights[years].mean()
 
 
 def read_labels(data: str) -> pd.DataFrame:

@@ -42,14 +42,20 @@ def age_targets(ages: torch.Tensor, max_age: int, sigma: float) -> torch.Tensor:
 
 
 def age_loss(
-    outputs: dict[str, torch.Tensor], ages: torch.Tensor, config: ModelConfig, settings: TrainSettings
+    outputs: dict[str, torch.Tensor],
+    ages: torch.Tensor,
+    config: ModelConfig,
+    settings: TrainSettings,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The age head's loss toward `ages`."""
+    """The age head's loss toward `ages`: the mean over faces, weighted by `weights` (one per face) if given."""
     if config.age_head == "distribution":
         target = age_targets(ages, config.max_age, settings.label_sigma)
         predicted, _ = age_estimate(outputs["age"], config)
-        return soft_cross_entropy(outputs["age"], target) + 0.1 * F.l1_loss(predicted, ages)
-    return 0.1 * F.smooth_l1_loss(outputs["age"].squeeze(-1), ages, beta=2.0)
+        per_face = -(target * outputs["age"].log_softmax(-1)).sum(-1) + 0.1 * (predicted - ages).abs()
+    else:
+        per_face = 0.1 * F.smooth_l1_loss(outputs["age"].squeeze(-1), ages, beta=2.0, reduction="none")
+    return per_face.mean() if weights is None else (per_face * weights).mean()
 
 
 def soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
@@ -66,8 +72,9 @@ def distilled_losses(
     weight = settings.teacher_weight
     groups = len(config.groups.names)
     teacher = batch["teacher"]
-    ages = (1 - weight) * age_loss(outputs, batch["age"], config, settings) + weight * age_loss(
-        outputs, teacher[:, 0], config, settings
+    age_weights = batch.get("age_weight")
+    ages = (1 - weight) * age_loss(outputs, batch["age"], config, settings, age_weights) + weight * age_loss(
+        outputs, teacher[:, 0], config, settings, age_weights
     )
     group_target = (1 - weight) * F.one_hot(batch["group"], groups) + weight * teacher[:, 1 : 1 + groups]
     known = batch["gender"] >= 0
@@ -84,13 +91,14 @@ def multitask_loss(
     model: AgeModel, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of the three head losses (toward the labels, and the teacher where the batch has its
-    predictions), and the batch's predicted ages."""
+    predictions; each face's age loss weighted by the batch's `age_weight` where it has one), and the
+    batch's predicted ages."""
     config = model.config
     predicted, _ = age_estimate(outputs["age"], config)
     if "teacher" in batch:
         ages, groups, genders = distilled_losses(outputs, batch, config, settings)
     else:
-        ages = age_loss(outputs, batch["age"], config, settings)
+        ages = age_loss(outputs, batch["age"], config, settings, batch.get("age_weight"))
         groups = F.cross_entropy(outputs["group"], batch["group"])
         genders = masked_cross_entropy(outputs["gender"], batch["gender"])
     loss = settings.age_loss_weight * ages + settings.group_loss_weight * groups + settings.gender_loss_weight * genders
@@ -250,8 +258,16 @@ class EpochTotals:
         }
 
 
-def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: bool, device: torch.device) -> dict:
-    """One pass over a data shard; metrics summed over all workers."""
+def run_epoch(
+    state: PhaseState,
+    shard: Any,
+    settings: TrainSettings,
+    train: bool,
+    device: torch.device,
+    age_weights: torch.Tensor | None = None,
+) -> dict:
+    """One pass over a data shard; metrics summed over all workers. `age_weights` (one per year of age,
+    `train_data.age_loss_weights`) weigh each face's age loss by its labelled age."""
     model = unwrap(state.model)
     transform = image_transform(settings.image_size, train, settings.augmentation)
     totals = EpochTotals()
@@ -267,6 +283,8 @@ def run_epoch(state: PhaseState, shard: Any, settings: TrainSettings, train: boo
     )
     for raw in batches:
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
+        if age_weights is not None:
+            batch["age_weight"] = age_weights[batch["age"].round().long().clamp(0, len(age_weights) - 1)]
         with torch.set_grad_enabled(train):
             # Validation runs in float32 as scoring does, so the best epoch is chosen on the numbers users get.
             outputs = network_outputs(state.model, batch["image"], settings.precision if train else "fp32")
@@ -350,6 +368,7 @@ def train_loop_per_worker(config: dict) -> None:
     if run.weights is not None:
         model.load_state_dict(run.weights)
     state = None
+    age_weights = torch.tensor(config["age_weights"], dtype=torch.float32, device=device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(run.next_epoch, settings.phase1_epochs + settings.phase2_epochs):
@@ -368,9 +387,9 @@ def train_loop_per_worker(config: dict) -> None:
                 state.resume(run.phase)
             run.phase = None
         started = time.perf_counter()
-        train_metrics = run_epoch(state, train_shard, settings, True, device)
+        train_metrics = run_epoch(state, train_shard, settings, True, device, age_weights)
         seconds = time.perf_counter() - started
-        val_metrics = run_epoch(state, val_shard, settings, False, device)
+        val_metrics = run_epoch(state, val_shard, settings, False, device, age_weights)
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this epoch ended at
         step_schedule(state.scheduler, val_metrics["mae"])
         run.best.update(epoch, val_metrics["mae"], model)

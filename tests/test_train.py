@@ -23,7 +23,14 @@ from agepipe.labels import GENDERS, group_index
 from agepipe.model import DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
 from agepipe.predict import Predictor
 from agepipe.train import check_initial_checkpoint, require_gpus, teacher_targets
-from agepipe.train_data import balancing_weights, plan_dataset, split_dataset, stratified_split, usable_rows
+from agepipe.train_data import (
+    age_loss_weights,
+    balancing_weights,
+    plan_dataset,
+    split_dataset,
+    stratified_split,
+    usable_rows,
+)
 from agepipe.train_loop import (
     LR_SCHEDULES,
     model_config,
@@ -61,6 +68,48 @@ def test_balancing_caps_common_ages_and_repeats_rare_ones() -> None:
     assert copies[:50].sum() == 20 and set(copies[:50]) <= {0, 1}
     assert copies[50:53].sum() == 10 and copies[50:53].min() >= 1
     assert (copies[53:] == 1).all()
+
+
+def test_sqrt_inverse_age_weights_favour_rare_ages_keep_the_mean_loss_and_smooth_over_neighbours() -> None:
+    # 100 faces a year at 20-40, 25 at 60-80, 50 at 5, and one face at 41 beside the crowded years.
+    ages = np.concatenate([np.repeat(np.arange(20.0, 41), 100), np.repeat(np.arange(60.0, 81), 25), [5.0] * 50, [41.0]])
+    uniform = age_loss_weights(ages, 100, "none")
+    assert np.allclose(uniform, 1.0)
+    weights = age_loss_weights(ages, 100, "sqrt_inverse")
+    years = ages.round().astype(int)
+    assert weights[years].mean() == pytest.approx(1.0)
+    assert weights[70] > weights[30] and weights[5] > weights[30]
+    assert weights[70] / weights[30] == pytest.approx(np.sqrt(100 / 25), rel=0.01)  # the square root
+    # A lone face next to crowded years is not treated as rare: its neighbours share their density with it.
+    assert weights[41] < 2 * weights[30]
+    with pytest.raises(ValueError, match="unknown age weighting"):
+        age_loss_weights(ages, 100, "inverse_cube")
+
+
+def test_age_weights_scale_each_faces_age_loss_and_leave_the_other_heads_alone() -> None:
+    torch.manual_seed(0)
+    for head in ("regression", "distribution"):
+        settings = TrainSettings(pretrained=None, image_size=64, dense_units=32, dropout=0.0, age_head=head)
+        model = AgeModel(model_config(settings))
+        model.eval()
+        batch = {"image": torch.randn(4, 3, 64, 64), **_labelled_batch([3.0, 20.0, 35.0, 70.0])}
+        outputs = network_outputs(model, batch["image"], "fp32")
+        plain = multitask_loss(model, outputs, batch, settings)[0].item()
+        ones = multitask_loss(model, outputs, {**batch, "age_weight": torch.ones(4)}, settings)[0].item()
+        assert ones == pytest.approx(plain, rel=1e-6)
+        only_age = dataclasses.replace(settings, group_loss_weight=0.0, gender_loss_weight=0.0)
+        per_face = [multitask_loss(model, _one(outputs, i), _one(batch, i), only_age)[0].item() for i in range(4)]
+        weights = torch.tensor([0.0, 0.0, 0.0, 4.0])
+        weighted = multitask_loss(model, outputs, {**batch, "age_weight": weights}, only_age)[0].item()
+        assert weighted == pytest.approx(per_face[3], rel=1e-5), head  # the mean over 4 faces, one weighing 4
+        others = dataclasses.replace(settings, age_loss_weight=0.0)
+        assert multitask_loss(model, outputs, {**batch, "age_weight": weights}, others)[0].item() == pytest.approx(
+            multitask_loss(model, outputs, batch, others)[0].item(), rel=1e-6
+        )
+
+
+def _one(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {k: v[i : i + 1] for k, v in batch.items()}
 
 
 def test_rows_with_errors_or_without_age_are_left_out_and_counted() -> None:
