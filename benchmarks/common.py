@@ -89,21 +89,25 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def test_split_crops(faces: str, split_file: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """The split's test faces as the crop dataset holds them: their label columns as `metrics` names
-    them, and their crops (RGB uint8)."""
-    split = pd.read_parquet(split_file)
+def split_crops(
+    faces: str, split_file: str, split: str = "test", sample: int | None = None
+) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """One split's faces (default the test split; `sample` of them drawn with seed 0 if given) as the crop
+    dataset holds them: their label columns as `metrics` names them, and their crops (RGB uint8)."""
+    splits = pd.read_parquet(split_file)
     frame = pd.read_parquet(faces, columns=["path", "image", "age", "gender", "race", "age_group", "error"])
     frame["name"] = frame["path"].str.rsplit("/", n=1).str[-1]
-    frame = frame[frame["error"].isna()].merge(split.loc[split["split"] == "test", ["name"]], on="name")
+    frame = frame[frame["error"].isna()].merge(splits.loc[splits["split"] == split, ["name"]], on="name")
+    if sample is not None:
+        frame = frame.sample(min(sample, len(frame)), random_state=0)
     labels = {"age": "label_age", "gender": "label_gender", "race": "label_race", "age_group": "label_age_group"}
     frame = frame.rename(columns=labels).reset_index(drop=True)
     crops = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in frame["image"]]
     return frame.drop(columns="image"), crops
 
 
-def test_split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
-    """The model card's test-split metrics from a Predictor's predictions for `test_split_crops`."""
+def split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
+    """The model card's metrics of a split from a Predictor's predictions for `split_crops`."""
     summary = metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
     races = pd.DataFrame(summary["by_race"])
     groups = pd.DataFrame(summary["by_age_group"]).set_index("group")
@@ -114,6 +118,7 @@ def test_split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
         "age-group acc": summary["age_group"]["accuracy"],
         "gender acc": summary["gender"]["accuracy"],
         "61+ MAE": groups.loc["Senior", "mae"],
+        "61+ bias": groups.loc["Senior", "bias"],
         "worst race / overall": races["mae"].max() / summary["age"]["mae"],
     }
 

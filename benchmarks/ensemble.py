@@ -25,7 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, linked_folder, median, test_split_crops, test_split_row, write_results  # noqa: E402
+from common import UTKFACE, linked_folder, median, split_crops, split_row, write_results  # noqa: E402
 from score import score_job  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL, export_for_sharing, read_checkpoint, save_checkpoint  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--speed-images", type=int, default=0, help="time the scoring job on this many test images")
     args = parser.parse_args()
 
-    frame, crops = test_split_crops(args.faces, args.split)
+    frame, crops = split_crops(args.faces, args.split)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for size in range(1, len(args.models) + 1):
@@ -74,7 +74,7 @@ def main() -> None:
                     scored.append((f"soup of {names}", soup))
                 for label, checkpoint in scored:
                     predictions = Predictor(checkpoint, flip_tta=False).predict_crops(crops)
-                    rows.append({"models": label, **test_split_row(predictions, frame), "checkpoint": checkpoint})
+                    rows.append({"models": label, **split_row(predictions, frame), "checkpoint": checkpoint})
                     print(rows[-1], flush=True)
         if args.speed_images:
             ensembles = [row for row in rows[1:] if not row["models"].startswith("soup")]

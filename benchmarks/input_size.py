@@ -20,7 +20,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import test_split_crops, test_split_row, write_results  # noqa: E402
+from common import split_crops, split_row, write_results  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
@@ -28,7 +28,7 @@ from agepipe.predict import Predictor  # noqa: E402
 
 def scored_at(predictor: Predictor, crops: list[np.ndarray], frame: pd.DataFrame, size: int) -> dict:
     predictor.config.image_size = size
-    return {"input px": size, **test_split_row(predictor.predict_crops(crops), frame)}
+    return {"input px": size, **split_row(predictor.predict_crops(crops), frame)}
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--name", default="input-size", help="results file name under benchmarks/results")
     args = parser.parse_args()
 
-    frame, crops = test_split_crops(args.faces, args.split)
+    frame, crops = split_crops(args.faces, args.split)
     predictor = Predictor(args.model, runtime="torch")
     trained = predictor.config.image_size
     rows = [scored_at(predictor, crops, frame, size) for size in args.sizes]
