@@ -218,6 +218,7 @@ SETTINGS_SHOWN = (
     "group_loss_weight",
     "gender_loss_weight",
     "label_sigma",
+    "age_weighting",
     "max_per_age",
     "min_per_age",
     "seed",
