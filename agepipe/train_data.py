@@ -64,11 +64,16 @@ def balancing_weights(ages: pd.Series, max_per_age: int, min_per_age: int, seed:
     return copies
 
 
+def age_years(ages: np.ndarray, max_age: int) -> np.ndarray:
+    """Each age as its whole year 0..max_age: an index into a per-year table."""
+    return np.clip(np.round(ages), 0, max_age).astype(int)
+
+
 def smoothed_age_density(ages: np.ndarray, max_age: int, sigma: float = 2.0) -> np.ndarray:
     """Training faces per year of age 0..max_age, smoothed by a Gaussian of `sigma` years (label
     distribution smoothing: a year's neighbours share its faces' appearance, so a rare year between common
     ones is not rare), reflected at the ends."""
-    counts = np.bincount(np.clip(np.round(ages), 0, max_age).astype(int), minlength=max_age + 1).astype(float)
+    counts = np.bincount(age_years(ages, max_age), minlength=max_age + 1).astype(float)
     reach = int(3 * sigma)
     kernel = np.exp(-(np.arange(-reach, reach + 1) ** 2) / (2 * sigma**2))
     return np.convolve(np.pad(counts, reach, mode="reflect"), kernel / kernel.sum(), mode="valid")
@@ -89,8 +94,7 @@ def age_loss_weights(ages: np.ndarray, max_age: int, weighting: str) -> np.ndarr
     if weighting not in AGE_WEIGHTINGS:
         raise ValueError(f"unknown age weighting {weighting!r}: choose one of {sorted(AGE_WEIGHTINGS)}")
     weights = AGE_WEIGHTINGS[weighting](smoothed_age_density(ages, max_age))
-    years = np.clip(np.round(ages), 0, max_age).astype(int)
-    return weights / weights[years].mean()
+    return weights / weights[age_years(ages, max_age)].mean()
 
 
 def read_labels(data: str) -> pd.DataFrame:

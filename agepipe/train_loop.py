@@ -264,7 +264,7 @@ def run_epoch(
     settings: TrainSettings,
     train: bool,
     device: torch.device,
-    age_weights: torch.Tensor | None = None,
+    age_weights: torch.Tensor,
 ) -> dict:
     """One pass over a data shard; metrics summed over all workers. `age_weights` (one per year of age,
     `train_data.age_loss_weights`) weigh each face's age loss by its labelled age."""
@@ -283,8 +283,7 @@ def run_epoch(
     )
     for raw in batches:
         batch = {k: v.to(device) for k, v in to_tensors(raw, transform, model.config.groups).items()}
-        if age_weights is not None:
-            batch["age_weight"] = age_weights[batch["age"].round().long().clamp(0, len(age_weights) - 1)]
+        batch["age_weight"] = age_weights[batch["age"].round().long().clamp(0, len(age_weights) - 1)]
         with torch.set_grad_enabled(train):
             # Validation runs in float32 as scoring does, so the best epoch is chosen on the numbers users get.
             outputs = network_outputs(state.model, batch["image"], settings.precision if train else "fp32")

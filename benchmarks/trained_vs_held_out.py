@@ -21,6 +21,7 @@ from common import split_crops, split_row, write_results  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
+from agepipe.train import absolute_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     for split in ("train", "test"):
         frame, crops = split_crops(args.faces, args.split, split, args.sample)
         for model in args.models:
-            predictions = Predictor(None if model == "default" else model).predict_crops(crops)
+            predictions = Predictor(absolute_checkpoint(model)).predict_crops(crops)
             rows.append({"model": model, "faces of": split, **split_row(predictions, frame)})
     write_results(
         args.name,
