@@ -288,7 +288,7 @@ class TrainSettings:
     label_sigma: float = setting(2.0, help="distribution head: label smoothing in years")
     age_weighting: str = setting(
         "none",
-        help="age loss per face by how common its age is in training (sqrt_inverse: rarer ages weigh more)",
+        help="age loss per face by how rare its age is in training (sqrt_inverse; fourth_root_inverse is milder)",
         choices="agepipe.train_data:AGE_WEIGHTINGS",
     )
     max_per_age: int = setting(2000, help="training faces kept per year of age at most")

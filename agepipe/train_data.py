@@ -81,10 +81,12 @@ def smoothed_age_density(ages: np.ndarray, max_age: int, sigma: float = 2.0) -> 
 
 # How the age loss weighs a face, from its age's smoothed density: "none" weighs every face alike;
 # "sqrt_inverse" by the density's inverse square root (Yang et al. 2021, "Delving into Deep Imbalanced
-# Regression"), so that the crowded 20s and 30s pull the estimates of rarer ages toward them less.
+# Regression"), so that the crowded 20s and 30s pull the estimates of rarer ages toward them less;
+# "fourth_root_inverse" half as strongly (in log weight), for a milder trade between crowded and rare ages.
 AGE_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "none": np.ones_like,
-    "sqrt_inverse": lambda density: 1.0 / np.sqrt(np.maximum(density, 1.0)),
+    "sqrt_inverse": lambda density: np.maximum(density, 1.0) ** -0.5,
+    "fourth_root_inverse": lambda density: np.maximum(density, 1.0) ** -0.25,
 }
 
 

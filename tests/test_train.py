@@ -80,6 +80,9 @@ def test_sqrt_inverse_age_weights_favour_rare_ages_keep_the_mean_loss_and_smooth
     assert weights[years].mean() == pytest.approx(1.0)
     assert weights[70] > weights[30] and weights[5] > weights[30]
     assert weights[70] / weights[30] == pytest.approx(np.sqrt(100 / 25), rel=0.01)  # the square root
+    milder = age_loss_weights(ages, 100, "fourth_root_inverse")
+    assert milder[years].mean() == pytest.approx(1.0)
+    assert milder[70] / milder[30] == pytest.approx((100 / 25) ** 0.25, rel=0.01)  # the fourth root
     # A lone face next to crowded years is not treated as rare: its neighbours share their density with it.
     assert weights[41] < 2 * weights[30]
     with pytest.raises(ValueError, match="unknown age weighting"):
