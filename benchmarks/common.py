@@ -123,6 +123,16 @@ def split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
     }
 
 
+def age_group_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
+    """MAE and bias per age group (youngest first) from a Predictor's predictions for `split_crops`."""
+    summary = metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
+    row = {}
+    for group in summary["by_age_group"]:
+        row[f"{group['group']} MAE"] = group["mae"]
+        row[f"{group['group']} bias"] = group["bias"]
+    return row
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -11,6 +11,7 @@ BatchNorm statistics averaged too), which costs one network's time: it works onl
 basin, such as a run fine-tuned from another (`agepipe train --initial-checkpoint`). `--speed-images N`
 also times the scoring job (`agepipe score`, detection included) on N test images with the first model
 and with all of them as one ensemble, alternating, and gives each one's median images/s of three runs.
+A second table, `<name>-by-age-group`, gives each one's MAE and bias per labelled age group.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, linked_folder, median, split_crops, split_row, write_results  # noqa: E402
+from common import UTKFACE, age_group_row, linked_folder, median, split_crops, split_row, write_results  # noqa: E402
 from score import score_job  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL, export_for_sharing, read_checkpoint, save_checkpoint  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     frame, crops = split_crops(args.faces, args.split)
-    rows = []
+    rows, group_rows = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for size in range(1, len(args.models) + 1):
             for members in itertools.combinations(range(len(args.models)), size):
@@ -75,6 +76,7 @@ def main() -> None:
                 for label, checkpoint in scored:
                     predictions = Predictor(checkpoint, flip_tta=False).predict_crops(crops)
                     rows.append({"models": label, **split_row(predictions, frame), "checkpoint": checkpoint})
+                    group_rows.append({"models": label, **age_group_row(predictions, frame)})
                     print(rows[-1], flush=True)
         if args.speed_images:
             ensembles = [row for row in rows[1:] if not row["models"].startswith("soup")]
@@ -105,6 +107,7 @@ def main() -> None:
             "images, the first model and the largest ensemble alternating, median of 3 runs each"
         )
     write_results(args.name, rows, notes)
+    write_results(f"{args.name}-by-age-group", group_rows, [*notes[:3], "MAE and bias per labelled age group"])
 
 
 if __name__ == "__main__":
