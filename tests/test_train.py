@@ -70,7 +70,7 @@ def test_balancing_caps_common_ages_and_repeats_rare_ones() -> None:
     assert (copies[53:] == 1).all()
 
 
-def test_sqrt_inverse_age_weights_favour_rare_ages_keep_the_mean_loss_and_smooth_over_neighbours() -> None:
+def test_inverse_density_age_weights_favour_rare_ages_keep_the_mean_loss_and_smooth_over_neighbours() -> None:
     # 100 faces a year at 20-40, 25 at 60-80, 50 at 5, and one face at 41 beside the crowded years.
     ages = np.concatenate([np.repeat(np.arange(20.0, 41), 100), np.repeat(np.arange(60.0, 81), 25), [5.0] * 50, [41.0]])
     uniform = age_loss_weights(ages, 100, "none")
