@@ -106,9 +106,13 @@ def split_crops(
     return frame.drop(columns="image"), crops
 
 
-def split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
-    """The model card's metrics of a split from a Predictor's predictions for `split_crops`."""
-    summary = metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
+def split_summary(predictions: list[dict], frame: pd.DataFrame) -> dict:
+    """`metrics.metrics_summary` of a split from a Predictor's predictions for `split_crops`."""
+    return metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
+
+
+def split_row(summary: dict) -> dict:
+    """The model card's metrics of a split from its `split_summary`."""
     races = pd.DataFrame(summary["by_race"])
     groups = pd.DataFrame(summary["by_age_group"]).set_index("group")
     return {
@@ -123,9 +127,8 @@ def split_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
     }
 
 
-def age_group_row(predictions: list[dict], frame: pd.DataFrame) -> dict:
-    """MAE and bias per age group (youngest first) from a Predictor's predictions for `split_crops`."""
-    summary = metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))
+def age_group_row(summary: dict) -> dict:
+    """MAE and bias per age group (youngest first) from a split's `split_summary`."""
     row = {}
     for group in summary["by_age_group"]:
         row[f"{group['group']} MAE"] = group["mae"]

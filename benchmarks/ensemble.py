@@ -26,7 +26,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import UTKFACE, age_group_row, linked_folder, median, split_crops, split_row, write_results  # noqa: E402
+from common import (  # noqa: E402
+    UTKFACE,
+    age_group_row,
+    linked_folder,
+    median,
+    split_crops,
+    split_row,
+    split_summary,
+    write_results,
+)
 from score import score_job  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL, export_for_sharing, read_checkpoint, save_checkpoint  # noqa: E402
@@ -74,9 +83,9 @@ def main() -> None:
                     weight_average([args.models[i] for i in members], soup)
                     scored.append((f"soup of {names}", soup))
                 for label, checkpoint in scored:
-                    predictions = Predictor(checkpoint, flip_tta=False).predict_crops(crops)
-                    rows.append({"models": label, **split_row(predictions, frame), "checkpoint": checkpoint})
-                    group_rows.append({"models": label, **age_group_row(predictions, frame)})
+                    summary = split_summary(Predictor(checkpoint, flip_tta=False).predict_crops(crops), frame)
+                    rows.append({"models": label, **split_row(summary), "checkpoint": checkpoint})
+                    group_rows.append({"models": label, **age_group_row(summary)})
                     print(rows[-1], flush=True)
         if args.speed_images:
             ensembles = [row for row in rows[1:] if not row["models"].startswith("soup")]
@@ -94,20 +103,21 @@ def main() -> None:
         del row["checkpoint"]
         if args.speed_images:
             row.setdefault("score images/s", float("nan"))
-    notes = [
+    accuracy_notes = [
         f"`python benchmarks/ensemble.py --faces {args.faces} --models {' '.join(args.models)}"
         f"{' --soups' if args.soups else ''}{f' --speed-images {args.speed_images}' if args.speed_images else ''}`",
         "models: " + "; ".join(f"{i + 1}: `{model}`" for i, model in enumerate(args.models)),
         "the test split's faces as the crop dataset holds them (aligned), flip TTA off; an ensemble runs "
         "each of its networks on every face (its model time is the sum of theirs)",
     ]
+    notes = list(accuracy_notes)
     if args.speed_images:
         notes.append(
             f"score images/s: `agepipe score` (YuNet detection, every face, flip TTA off) on {args.speed_images} test "
             "images, the first model and the largest ensemble alternating, median of 3 runs each"
         )
     write_results(args.name, rows, notes)
-    write_results(f"{args.name}-by-age-group", group_rows, [*notes[:3], "MAE and bias per labelled age group"])
+    write_results(f"{args.name}-by-age-group", group_rows, [*accuracy_notes, "MAE and bias per labelled age group"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import split_crops, split_row, write_results  # noqa: E402
+from common import split_crops, split_row, split_summary, write_results  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
@@ -28,7 +28,7 @@ from agepipe.predict import Predictor  # noqa: E402
 
 def scored_at(predictor: Predictor, crops: list[np.ndarray], frame: pd.DataFrame, size: int) -> dict:
     predictor.config.image_size = size
-    return {"input px": size, **split_row(predictor.predict_crops(crops), frame)}
+    return {"input px": size, **split_row(split_summary(predictor.predict_crops(crops), frame))}
 
 
 def main() -> None:

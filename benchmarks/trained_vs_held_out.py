@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import split_crops, split_row, write_results  # noqa: E402
+from common import split_crops, split_row, split_summary, write_results  # noqa: E402
 
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
         frame, crops = split_crops(args.faces, args.split, split, args.sample)
         for model in args.models:
             predictions = Predictor(absolute_checkpoint(model)).predict_crops(crops)
-            rows.append({"model": model, "faces of": split, **split_row(predictions, frame)})
+            rows.append({"model": model, "faces of": split, **split_row(split_summary(predictions, frame))})
     write_results(
         args.name,
         rows,
