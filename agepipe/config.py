@@ -208,6 +208,9 @@ def apply_overrides(settings: T, overrides: dict[str, Any], skip_none: bool = Tr
     return settings
 
 
+# The bundled models' names are agepipe.model.BUNDLED_MODELS.
+MODEL_HELP = "checkpoint path or URI, or a bundled model: default (three networks) or fast (one, twice the speed)"
+
 # Scoring takes every face of an image, whatever the model's crop keeps (the largest, whose label training had).
 SCORE_CROP_OVERRIDES = {"all_faces": True}
 
@@ -218,7 +221,7 @@ class ScoreSettings:
 
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
-    model: str | None = setting(None, help="checkpoint path or URI; unset: the bundled default model")
+    model: str | None = setting(None, help=MODEL_HELP)
     crop_overrides: dict[str, Any] = nested(lambda: dict(SCORE_CROP_OVERRIDES), flags="crop")
     largest_face_only: bool = setting(False, help="score only the largest face of each image (as --no-all-faces)")
     labels: LabelSettings = nested(LabelSettings)
@@ -244,8 +247,8 @@ class TrainSettings:
     )
     initial_checkpoint: str | None = setting(
         None,
-        help="fine-tune: start from this agepipe checkpoint's network (a path, a URI, or the word 'default' "
-        "for the bundled model) instead of --pretrained backbone weights; its backbone, heads and groups must match",
+        help="fine-tune: start from this agepipe checkpoint's network (a path, a URI, or 'fast', the bundled "
+        "single network) instead of --pretrained backbone weights; its backbone, heads and groups must match",
     )
     teacher: str | None = setting(
         None,
@@ -334,7 +337,7 @@ class ServeSettings:
 
     host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     port: int = setting(8000, help="HTTP port")
-    model: str | None = setting(None, help="checkpoint path or URI; unset: the bundled default model")
+    model: str | None = setting(None, help=MODEL_HELP)
     crop_overrides: dict[str, Any] = nested(lambda: {"all_faces": True}, flags="crop")
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")

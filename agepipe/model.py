@@ -28,7 +28,14 @@ from agepipe.config import AgeGroups, CropSettings, from_dict, recorded_crop_set
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.pt"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# The checkpoints that ship with the package, by the name that `--model` (and `--initial-checkpoint`,
+# `--teacher`) take in place of a path; their card is weights/MODEL_CARD.md.
+BUNDLED_MODELS = {
+    "default": WEIGHTS / "default.pt",  # an ensemble of three networks: the most accurate
+    "fast": WEIGHTS / "fast.pt",  # one network (the ensemble's first): twice the scoring speed
+}
+DEFAULT_MODEL = BUNDLED_MODELS["default"]
 AGE_HEADS = ("distribution", "regression")
 
 
@@ -310,6 +317,14 @@ def _crop_identity(crop: dict) -> dict:
     return {**crop, "detector_weights": _file_name(weights) if weights else weights}
 
 
+def model_location(uri: str | None) -> str:
+    """Where a model setting's checkpoint lies: a bundled model's file for its name (or for no setting,
+    the default), else the path made absolute, or the URI."""
+    if not uri:
+        return str(DEFAULT_MODEL)
+    return str(BUNDLED_MODELS[uri]) if uri in BUNDLED_MODELS else storage.absolute(uri)
+
+
 def read_checkpoint(uri: str) -> dict:
     """A checkpoint's raw dict (tensors on the CPU as stored)."""
     checkpoint = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
@@ -345,7 +360,7 @@ def require_same_network(checkpoint: dict, config: ModelConfig, uri: str) -> Non
     """Refuse a checkpoint (read from `uri`) whose network has another shape than `config` builds, or an
     ensemble, naming the settings that differ."""
     if checkpoint.get("members"):
-        raise ValueError(f"{uri} is an ensemble: start from one of its member checkpoints")
+        raise ValueError(f"{uri} is an ensemble: start from one of its member checkpoints (bundled: 'fast')")
     recorded = from_dict(ModelConfig, checkpoint["model_config"])
     differences = [
         f"{name} {getattr(recorded, name)!r} (these settings: {getattr(config, name)!r})"

@@ -24,7 +24,7 @@ from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weig
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
 from agepipe.labels import GENDERS
-from agepipe.model import DEFAULT_MODEL, AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input
+from agepipe.model import AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input, model_location
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Predictor:
         detector: Detector | None = None,
         runtime: str | None = None,
     ) -> None:
-        self.model_uri = model_uri or str(DEFAULT_MODEL)
+        self.model_uri = model_location(model_uri)
         model, crop, checkpoint = load_checkpoint(self.model_uri)
         self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -159,7 +159,7 @@ def record_score_settings(settings: ScoreSettings, predictor: Predictor) -> None
     """Write the run's settings beside its predictions, where `evaluate` finds its model, crop and
     input root: the model and crop settings as the Predictor uses them (after the job's overrides)."""
     record = {
-        "model": storage.absolute(predictor.model_uri),  # evaluate may run in another directory
+        "model": predictor.model_uri,  # absolute: evaluate may run in another directory
         "crop": to_dict(predictor.crop),
         "input": settings.input,
         "labels": to_dict(settings.labels),

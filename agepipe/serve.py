@@ -34,6 +34,7 @@ from agepipe import config, storage
 from agepipe.cluster import init_ray
 from agepipe.config import ServeSettings
 from agepipe.images import ImageError, decode, encode
+from agepipe.model import model_location
 from agepipe.predict import prediction_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -207,7 +208,7 @@ def with_absolute_paths(settings: ServeSettings) -> ServeSettings:
     overrides = dict(settings.crop_overrides)
     if overrides.get("detector_weights"):
         overrides["detector_weights"] = storage.absolute(overrides["detector_weights"])
-    return dataclasses.replace(settings, model=storage.absolute(settings.model), crop_overrides=overrides)
+    return dataclasses.replace(settings, model=model_location(settings.model), crop_overrides=overrides)
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:

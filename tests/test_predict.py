@@ -10,9 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_cli
 from skimage import data
 
+from agepipe.model import BUNDLED_MODELS, networks
 from agepipe.predict import Predictor
 
 
@@ -51,6 +53,19 @@ def test_flip_tta_averages_the_face_and_its_mirror(model_path, crops, runtime) -
             assert probability == pytest.approx(expected, abs=1e-4)
         if row["age_std"] is None:  # a regression head averages the two ages
             assert row["age"] == pytest.approx((original["age"] + mirror["age"]) / 2, abs=1e-3)
+
+
+def test_the_bundled_models_are_chosen_by_name(crops) -> None:
+    default, fast = Predictor(), Predictor("fast")
+    assert default.model_uri == str(BUNDLED_MODELS["default"]) and fast.model_uri == str(BUNDLED_MODELS["fast"])
+    assert Predictor("default").model_uri == default.model_uri
+    members = networks(default.model)
+    assert len(members) == 3 and networks(fast.model) == [fast.model]
+    # `fast` is the ensemble's first network, so its predictions are that member's.
+    first = members[0].state_dict()
+    assert all(torch.equal(first[name], tensor) for name, tensor in fast.model.state_dict().items())
+    ages = [face["age"] for face in fast.predict_crops(crops)]
+    assert ages != [face["age"] for face in default.predict_crops(crops)]
 
 
 def test_an_unknown_runtime_is_refused_by_name(model_path) -> None:

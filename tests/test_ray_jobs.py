@@ -111,9 +111,9 @@ def test_crop_train_and_score_as_ray_jobs(head, utkface_dir, yunet_weights) -> N
     submit(env, "jobs/crop_faces.py", "--input", str(images), "--output", str(faces), "--labels", "utkface",
            "--detector", "yunet", "--detector-weights", yunet_weights)  # fmt: skip
     assert len(pd.read_parquet(faces, columns=["path"])["path"].unique()) == 200
-    # Fine-tuning the bundled model at a rate too small to move it: the scores below are then a trained
-    # network's, which shows its weights went through the job (one epoch from ImageNet scores far worse).
-    submit(env, "jobs/train.py", "--data", str(faces), "--output", str(run), "--initial-checkpoint", "default",
+    # Fine-tuning the bundled single network at a rate too small to move it: the scores below are then a
+    # trained network's, which shows its weights went through the job (one epoch from ImageNet scores far worse).
+    submit(env, "jobs/train.py", "--data", str(faces), "--output", str(run), "--initial-checkpoint", "fast",
            "--phase1-epochs", "1", "--phase1-lr", "1e-9", "--phase2-epochs", "0", "--num-workers", "1",
            "--min-per-age", "1", "--precision", "bf16")  # fmt: skip
     assert (run / "model.pt").is_file()

@@ -20,7 +20,7 @@ from helpers import TINY_RUN, registered_checkpoints, run_cli
 from agepipe.augment import decode_crop
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import GENDERS, group_index
-from agepipe.model import DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
+from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
 from agepipe.predict import Predictor
 from agepipe.train import check_initial_checkpoint, require_gpus, teacher_targets
 from agepipe.train_data import (
@@ -282,11 +282,16 @@ def test_a_search_space_names_settings_and_known_samplers() -> None:
 
 
 def test_fine_tuning_refuses_a_checkpoint_of_another_network_before_it_starts(tmp_path) -> None:
-    # Fine-tuning that runs is tests/test_ray_jobs.py's: its training job starts from the bundled model.
+    # Fine-tuning that runs is tests/test_ray_jobs.py's: its training job starts from the bundled `fast` model.
     refused = run_cli("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"),
-                      "--backbone", "efficientnet_lite0", "--initial-checkpoint", "default")  # fmt: skip
+                      "--backbone", "efficientnet_lite0", "--initial-checkpoint", "fast")  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "holds another network than these settings build: backbone 'mobilenetv2_100'" in refused.stderr
+    # The bundled default is an ensemble: no one network to start from, and the refusal names one that is.
+    ensemble = run_cli("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"),
+                       "--initial-checkpoint", "default")  # fmt: skip
+    assert ensemble.returncode == 2, ensemble.stderr[-2000:]
+    assert "is an ensemble: start from one of its member checkpoints (bundled: 'fast')" in ensemble.stderr
     assert not (tmp_path / "run").exists(), "a refused run should not have started"
 
 
@@ -298,7 +303,9 @@ def test_a_search_that_varies_the_shape_of_a_fine_tuned_network_is_refused_befor
 
 
 def test_fine_tuning_on_crops_of_another_view_warns(small_faces, tmp_path, caplog) -> None:
-    settings = TrainSettings(data=str(small_faces), output=str(tmp_path / "run"), initial_checkpoint=str(DEFAULT_MODEL))
+    settings = TrainSettings(
+        data=str(small_faces), output=str(tmp_path / "run"), initial_checkpoint=str(BUNDLED_MODELS["fast"])
+    )
     with caplog.at_level("WARNING", logger="agepipe.train"):
         check_initial_checkpoint(settings)
     # The bundled model was trained on YuNet's 224 px landmark crops; small_faces are whole images at 96 px.
