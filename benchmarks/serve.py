@@ -1,11 +1,12 @@
 """Serve endpoint benchmark: latency p50/p99 and throughput at 1, 8 and 32 concurrent clients, with and
 without request batching, for 200x200 UTKFace faces (`--detector none`) and 640x480 scenes (YuNet).
 
-    .venv/bin/python benchmarks/serve.py [--model PATH] [--seconds 6]
+    .venv/bin/python benchmarks/serve.py [--model NAME|PATH] [--seconds 6] [--results serve]
 
 Each client is an asyncio task that posts its next image as soon as the previous answer arrives.
 One replica (one CPU) on a local Ray; the clients run on the same machine. Writes
-benchmarks/results/serve.md and serve.json.
+benchmarks/results/serve.md and serve.json (`--results` names them otherwise). The model is `agepipe
+serve`'s default (the bundled `fast`) unless `--model` names another.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ async def run_clients(url: str, images: list[bytes], clients: int, seconds: floa
     }
 
 
-def one_replica(model: str | None, port: int, crop_overrides: dict, **options: object) -> ServeSettings:
+def one_replica(model: str, port: int, crop_overrides: dict, **options: object) -> ServeSettings:
     """The benchmark's Serve settings: one replica, every face, `options` over the defaults."""
     return ServeSettings(
         port=port,
@@ -112,7 +113,7 @@ def start_warm(settings: ServeSettings, images: list[bytes]) -> str:
     return url
 
 
-def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
+def benchmark(model: str, seconds: float, port: int) -> list[dict]:
     workloads = {
         "faces 200x200 (--detector none)": (face_images(64), {"detector": "none"}),
         "scenes 640x480, 2 faces (YuNet)": (
@@ -131,7 +132,7 @@ def benchmark(model: str | None, seconds: float, port: int) -> list[dict]:
     return rows
 
 
-def ablation(model: str | None, seconds: float, port: int) -> list[dict]:
+def ablation(model: str, seconds: float, port: int) -> list[dict]:
     """Faces at 32 clients, side by side: Ray Serve's defaults against its throughput mode (each in a
     fresh local Ray, since Serve's processes read the mode at start), flip TTA on and off."""
     images = face_images(64)
@@ -169,9 +170,10 @@ def serving_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", help="checkpoint (default: the bundled default model)")
+    parser.add_argument("--model", default=ServeSettings().model, help="checkpoint or bundled model name")
     parser.add_argument("--seconds", type=float, default=6.0, help="measurement time per cell")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--results", default="serve", help="results file name under benchmarks/results")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -192,7 +194,7 @@ def main() -> None:
         "replica_cpus": ServeSettings().num_cpus,
         "batch_sizes": BATCH_SIZES,
         "seconds_per_cell": args.seconds,
-        "model": args.model or "default",
+        "model": args.model,
         "flip_tta": ServeSettings().flip_tta,
         "ray_serve_env": ServeSettings().ray_serve_env,
     }
@@ -207,8 +209,8 @@ def main() -> None:
     )
     side_notes = "Side by side, faces 200x200 (`--detector none`), 32 clients, batching on, one fresh Ray per mode:\n"
     text = f"{notes}\n{table}\n\n{side_notes}\n{ablation_table(side_by_side)}\n"
-    (RESULTS / "serve.md").write_text(f"# Serve benchmark\n\n{text}")
-    (RESULTS / "serve.json").write_text(
+    (RESULTS / f"{args.results}.md").write_text(f"# Serve benchmark\n\n{text}")
+    (RESULTS / f"{args.results}.json").write_text(
         json.dumps({"machine": machine, "rows": rows, "side_by_side": side_by_side}, indent=2)
     )
     print(f"\n{text}")

@@ -34,6 +34,7 @@ from agepipe.serve import (
     stop_server,
     upload_bytes,
     upload_kind,
+    with_absolute_paths,
 )
 
 PORT = 8765
@@ -166,6 +167,14 @@ def test_serve_config_file_is_a_valid_serve_config_that_builds_the_app():
     deployment = app_builder(app["args"])._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment._deployment_config.max_ongoing_requests == app["args"]["max_ongoing_requests"]
+    assert app["args"]["model"] == ServeSettings().model, "the file serves what `agepipe serve` serves"
+
+
+def test_the_endpoint_serves_the_fast_model_unless_told_otherwise():
+    from agepipe.model import BUNDLED_MODELS
+
+    assert with_absolute_paths(ServeSettings()).model == str(BUNDLED_MODELS["fast"])
+    assert with_absolute_paths(ServeSettings(model="default")).model == str(BUNDLED_MODELS["default"])
 
 
 # Real Serve on local Ray, over HTTP.
