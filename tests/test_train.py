@@ -22,7 +22,7 @@ from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneS
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
 from agepipe.predict import Predictor
-from agepipe.train import check_initial_checkpoint, require_gpus, teacher_targets
+from agepipe.train import check_initial_checkpoint, require_gpus, teacher_targets, with_absolute_paths
 from agepipe.train_data import (
     age_loss_weights,
     balancing_weights,
@@ -288,15 +288,16 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_network_before_it_starts(tm
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "holds another network than these settings build: backbone 'mobilenetv2_100'" in refused.stderr
     # The bundled default is an ensemble: no one network to start from, and the refusal names one that is.
-    ensemble = run_cli("train", "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run"),
-                       "--initial-checkpoint", "default")  # fmt: skip
-    assert ensemble.returncode == 2, ensemble.stderr[-2000:]
-    assert "is an ensemble: start from one of its member checkpoints (bundled: 'fast')" in ensemble.stderr
+    ensemble = TrainSettings(data=str(tmp_path / "faces"), output=str(tmp_path / "run"), initial_checkpoint="default")
+    with pytest.raises(
+        ValueError, match=r"is an ensemble: start from one of its member checkpoints \(bundled: 'fast'\)"
+    ):
+        check_initial_checkpoint(with_absolute_paths(ensemble))
     assert not (tmp_path / "run").exists(), "a refused run should not have started"
 
 
 def test_a_search_that_varies_the_shape_of_a_fine_tuned_network_is_refused_before_ray_starts(tmp_path) -> None:
-    settings = TuneSettings(train=TrainSettings(data="d", output=str(tmp_path / "o"), initial_checkpoint="default"))
+    settings = TuneSettings(train=TrainSettings(data="d", output=str(tmp_path / "o"), initial_checkpoint="fast"))
     with pytest.raises(ValueError, match="the search space varies dense_units, which --initial-checkpoint fixes"):
         run_tune(settings)  # the default space searches dense_units
     assert not (tmp_path / "o").exists()
@@ -400,12 +401,12 @@ def test_a_distilled_run_scores_each_training_face_with_its_teacher_and_trains_t
     # The whole command: a student of another backbone than its teacher trains on the teacher's targets.
     output = tmp_path / "run"
     result = run_cli("train", "--data", str(small_faces), "--output", str(output), *TINY_RUN,
-                     "--phase2-epochs", "1", "--teacher", "default", "--teacher-weight", "0.7")  # fmt: skip
+                     "--phase2-epochs", "1", "--teacher", "fast", "--teacher-weight", "0.7")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scoring the" in result.stderr and "training faces with the teacher" in result.stderr
     assert "teacher: 192 of 192 training faces scored" in result.stderr
     recorded = json.loads((output / "settings.json").read_text())
-    assert recorded["teacher"] == str(DEFAULT_MODEL) and recorded["teacher_weight"] == 0.7
+    assert recorded["teacher"] == str(BUNDLED_MODELS["fast"]) and recorded["teacher_weight"] == 0.7
     assert len(pd.read_csv(output / "metrics.csv")) == 1
 
 
