@@ -107,15 +107,25 @@ def read_network(source: Path, minutes: float | None) -> Network:
     return Network(str(source / "model.pt"), settings, split, minutes or measured)
 
 
+# What `train_data.stratified_split` makes a run's split from, beside the crop dataset's faces.
+SPLIT_SETTINGS = ("data", "seed", "val_fraction", "test_fraction", "limit")
+
+
 def shared_split(networks: list[Network]) -> pd.DataFrame:
-    """The one split of the networks' run folders; networks split otherwise cannot be measured as one."""
-    splits = [network.split for network in networks if network.split is not None]
-    if not splits:
+    """The one split of the networks' run folders; networks split otherwise cannot be measured as one. A bare
+    checkpoint records no split, only the settings that made it: those must be the folders'."""
+    folders = [network for network in networks if network.split is not None]
+    if not folders:
         raise SystemExit("give at least one training run folder: its split.parquet names the test faces")
-    faces = [set(map(tuple, split[["name", "split"]].to_numpy())) for split in splits]
+    faces = [set(map(tuple, network.split[["name", "split"]].to_numpy())) for network in folders]
     if any(other != faces[0] for other in faces[1:]):
         raise SystemExit("the runs were split differently: their test faces are not the same")
-    return splits[0]
+    reference = {name: folders[0].settings.get(name) for name in SPLIT_SETTINGS}
+    for network in networks:
+        recorded = {name: network.settings.get(name) for name in SPLIT_SETTINGS}
+        if recorded != reference:
+            raise SystemExit(f"{network.checkpoint} was split by other settings ({recorded}) than {reference}")
+    return folders[0].split
 
 
 def main() -> None:
