@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -21,6 +22,7 @@ from PIL import Image
 
 from agepipe.config import shared_data_dir
 from agepipe.metrics import metrics_summary
+from agepipe.model import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -87,6 +89,17 @@ class PeakMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def held_out_parser(description: str, results: str, model: str = str(DEFAULT_MODEL)) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that scores a model's held-out faces: the crop dataset it was trained from,
+    the model, its split file and the results file's name."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--faces", required=True, help="the crop dataset the model was trained from")
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
+    parser.add_argument("--results", default=results, help="results file name under benchmarks/results")
+    return parser
 
 
 def split_crops(

@@ -9,7 +9,6 @@ every face is scored as training and scoring crop it; the split file says which 
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -21,10 +20,9 @@ from scipy.stats import norm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_results  # noqa: E402
+from common import held_out_parser, write_results  # noqa: E402
 
 from agepipe.labels import group_index  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
 
 
@@ -62,12 +60,7 @@ def coordinate_search(params: np.ndarray, candidates: list[np.ndarray], accuracy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faces", required=True, help="the crop dataset the model was trained from")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
-    parser.add_argument("--results", default="group-rules")
-    args = parser.parse_args()
+    args = held_out_parser(__doc__.split("\n\n")[0], "group-rules").parse_args()
 
     frame, probabilities, edges = held_out_predictions(args.faces, args.model, args.split)
     log_probs = np.log(probabilities + 1e-9)
