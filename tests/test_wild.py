@@ -29,7 +29,7 @@ def test_face_free_photos_give_no_faces_at_the_default_thresholds(detector, yune
 
 def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, yunet_weights, tmp_path) -> None:
     split = DEFAULT_MODEL.with_name("default_split.parquet")
-    rows = {row["system"]: row for row in evaluate_wild(tmp_path, 12, 3, None, split, with_peer=False)}
+    rows = {row["system"]: row for row in evaluate_wild(tmp_path, 12, 3, "fast", split, with_peer=False)}
     photos, aligned = rows["agepipe, photos"], rows["agepipe, same faces aligned"]
     assert photos["faces"] == aligned["faces"] >= 12
     whole, cut = rows["agepipe, photos: faces whole in the photo"], rows["agepipe, photos: faces cut by the border"]
