@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import held_out_parser, split_crops, write_results  # noqa: E402
 
-from agepipe.model import AgeModel, load_checkpoint, model_input, networks  # noqa: E402
+from agepipe.labels import group_index  # noqa: E402
+from agepipe.model import AgeModel, AgeNetwork, load_checkpoint, model_input, networks  # noqa: E402
 
 
 class SharedFeatures(nn.Module):
@@ -53,9 +54,8 @@ def onnx_session(module: nn.Module, size: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
-def features_and_heads(crops: list[np.ndarray], model: str, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def features_and_heads(crops: list[np.ndarray], network: AgeNetwork, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per network: every crop's shared features (networks x faces x units) and its group head's argmax."""
-    network, _, _ = load_checkpoint(model)
     size = network.config.image_size
     sessions = [onnx_session(SharedFeatures(member), size) for member in networks(network)]
     features, heads = [[] for _ in sessions], [[] for _ in sessions]
@@ -71,16 +71,16 @@ def features_and_heads(crops: list[np.ndarray], model: str, batch: int = 64) -> 
 def main() -> None:
     args = held_out_parser(__doc__.split("\n\n")[0], "group-probe").parse_args()
 
+    network, _, _ = load_checkpoint(args.model)
     parts, crops, truth = {}, [], []
-    edges = load_checkpoint(args.model)[0].config.groups.lower_bounds[1:]
     for part in ("train", "val", "test"):
         frame, part_crops = split_crops(args.faces, args.split, part)
         parts[part] = np.arange(len(crops), len(crops) + len(part_crops))
         crops += part_crops
-        truth.append(np.searchsorted(edges, frame["label_age"].to_numpy(), side="right"))
+        truth += [group_index(age, network.config.groups) for age in frame["label_age"]]
         print(f"{part}: {len(part_crops)} faces", flush=True)
-    truth = np.concatenate(truth)
-    features, heads = features_and_heads(crops, args.model)
+    truth = np.array(truth)
+    features, heads = features_and_heads(crops, network)
 
     def row(name: str, chosen: np.ndarray) -> dict:
         accuracy = {f"{s} %": 100 * float((chosen[p] == truth[p]).mean()) for s, p in parts.items()}

@@ -36,11 +36,17 @@ class Faces(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantised(float_graph: bytes, calibration: torch.Tensor, float_nodes: int, folder: Path) -> bytes:
-    """The graph in int8 but for its linear heads and its first and last `float_nodes` convolutions."""
-    source, prepared, target = folder / "float.onnx", folder / "prepared.onnx", folder / "int8.onnx"
+def prepared_for_quantisation(float_graph: bytes, folder: Path) -> Path:
+    """The float graph with its shapes inferred and optimised, as onnxruntime's quantiser expects it."""
+    source, prepared = folder / "float.onnx", folder / "prepared.onnx"
     source.write_bytes(float_graph)
     quant_pre_process(str(source), str(prepared))
+    return prepared
+
+
+def quantised(prepared: Path, calibration: torch.Tensor, float_nodes: int) -> bytes:
+    """The graph in int8 but for its linear heads and its first and last `float_nodes` convolutions."""
+    target = prepared.with_name("int8.onnx")
     nodes = onnx.load(str(prepared)).graph.node
     convolutions = [n.name for n in nodes if n.op_type == "Conv"]
     kept = []
@@ -79,10 +85,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         graphs = {"float32 (what scoring runs)": float_graph}
+        prepared = prepared_for_quantisation(float_graph, Path(folder))
         for float_nodes, name in ((0, "int8, every layer"),
                                   (1, "int8 but heads, first and last convolution"),
                                   (3, "int8 but heads, first 3 and last 3 convolutions")):  # fmt: skip
-            graphs[name] = quantised(float_graph, calibration, float_nodes, Path(folder))
+            graphs[name] = quantised(prepared, calibration, float_nodes)
         for name, graph in graphs.items():
             predictor.runtime = copy.copy(float_runtime)  # a copy opens its own session on first use
             predictor.runtime.onnx = graph
