@@ -3,8 +3,11 @@ against a new linear head (multinomial logistic regression) fitted on its frozen
 training faces, and on every member's features side by side, measured on the val and test faces.
 
     .venv/bin/python benchmarks/group_probe.py --faces out/faces-landmarks [--model PATH] [--split PATH]
+        [--features shared|pooled]
 
-`--faces` is the crop dataset the model was trained from; the split file says which faces are which.
+`--faces` is the crop dataset the model was trained from; the split file says which faces are which. `--features`:
+the heads' input (`shared`, the default) or the backbone's pooled output under it (`pooled`), which the shared layer
+narrows to `dense_units`.
 """
 
 from __future__ import annotations
@@ -30,16 +33,19 @@ from agepipe.labels import group_index  # noqa: E402
 from agepipe.model import AgeModel, AgeNetwork, load_checkpoint, model_input, networks  # noqa: E402
 
 
-class SharedFeatures(nn.Module):
-    """A network's shared features (the input of its heads) and its group head's logits."""
+class ProbedFeatures(nn.Module):
+    """A network's shared features (the input of its heads) or its backbone's pooled output, and its group head's
+    logits."""
 
-    def __init__(self, network: AgeModel) -> None:
+    def __init__(self, network: AgeModel, layer: str) -> None:
         super().__init__()
         self.network = network
+        self.layer = layer
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.network.shared(self.network.backbone(images))
-        return features, self.network.group_head(features)
+        pooled = self.network.backbone(images)
+        shared = self.network.shared(pooled)
+        return (shared if self.layer == "shared" else pooled), self.network.group_head(shared)
 
 
 def onnx_session(module: nn.Module, size: int) -> onnxruntime.InferenceSession:
@@ -54,10 +60,12 @@ def onnx_session(module: nn.Module, size: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
-def features_and_heads(crops: list[np.ndarray], network: AgeNetwork, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Per network: every crop's shared features (networks x faces x units) and its group head's argmax."""
+def features_and_heads(
+    crops: list[np.ndarray], network: AgeNetwork, layer: str, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per network: every crop's features at `layer` (networks x faces x units) and its group head's argmax."""
     size = network.config.image_size
-    sessions = [onnx_session(SharedFeatures(member), size) for member in networks(network)]
+    sessions = [onnx_session(ProbedFeatures(member, layer), size) for member in networks(network)]
     features, heads = [[] for _ in sessions], [[] for _ in sessions]
     for start in range(0, len(crops), batch):
         images = model_input(torch.from_numpy(np.stack(crops[start : start + batch])).permute(0, 3, 1, 2), size)
@@ -69,7 +77,9 @@ def features_and_heads(crops: list[np.ndarray], network: AgeNetwork, batch: int 
 
 
 def main() -> None:
-    args = held_out_parser(__doc__.split("\n\n")[0], "group-probe").parse_args()
+    parser = held_out_parser(__doc__.split("\n\n")[0], "group-probe")
+    parser.add_argument("--features", choices=["shared", "pooled"], default="shared")
+    args = parser.parse_args()
 
     network, _, _ = load_checkpoint(args.model)
     parts, crops, truth = {}, [], []
@@ -80,7 +90,7 @@ def main() -> None:
         truth += [group_index(age, network.config.groups) for age in frame["label_age"]]
         print(f"{part}: {len(part_crops)} faces", flush=True)
     truth = np.array(truth)
-    features, heads = features_and_heads(crops, network)
+    features, heads = features_and_heads(crops, network, args.features)
 
     def row(name: str, chosen: np.ndarray) -> dict:
         accuracy = {f"{s} %": 100 * float((chosen[p] == truth[p]).mean()) for s, p in parts.items()}
@@ -99,8 +109,8 @@ def main() -> None:
     notes = [
         f"model {args.model}, faces {args.faces}: {', '.join(f'{len(p)} {s}' for s, p in parts.items())} faces, "
         "each scored once as cropped (no augmentation)",
-        "linear heads: scikit-learn LogisticRegression(C=0.1) on the training faces' standardised features; val and "
-        "test measure",
+        f"linear heads: scikit-learn LogisticRegression(C=0.1) on the training faces' standardised {args.features} "
+        "features; val and test measure",
     ]
     write_results(args.results, rows, notes)
 
