@@ -228,7 +228,7 @@ class ScoreSettings:
     crop_overrides: dict[str, Any] = nested(lambda: dict(SCORE_CROP_OVERRIDES), flags="crop")
     largest_face_only: bool = setting(False, help="score only the largest face of each image (as --no-all-faces)")
     labels: LabelSettings = nested(LabelSettings)
-    batch_size: int = setting(256, help="images per actor call and per forward pass")
+    batch_size: int = setting(256, help="images per actor call and per forward pass (onnxruntime: 32 at a time)")
     concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")
     gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")

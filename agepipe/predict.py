@@ -64,7 +64,13 @@ class OnnxRuntime:
 
     It pickles as the ONNX bytes alone: the scoring job exports once in the driver and each actor
     opens a session on them, without rebuilding the PyTorch model (timm and torchvision imports,
-    the export: 2 s of each actor's start)."""
+    the export: 2 s of each actor's start).
+
+    A batch runs through the session `max_batch` faces at a time: onnxruntime's CPU arena grows to
+    the largest batch it has run and keeps that memory, and beyond 32 faces a larger batch is no
+    faster (benchmarks/results/onnx-batch-memory.md)."""
+
+    max_batch = 32
 
     def __init__(self, model: AgeNetwork, device: torch.device) -> None:
         size = model.config.image_size
@@ -99,8 +105,13 @@ class OnnxRuntime:
         return self._session
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.session.run(None, {"image": images.contiguous().numpy()})
-        return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs, strict=True)}
+        chunks = [
+            self.session.run(None, {"image": chunk.contiguous().numpy()}) for chunk in images.split(self.max_batch)
+        ]
+        return {
+            name: torch.from_numpy(np.concatenate([outputs[i] for outputs in chunks]))
+            for i, name in enumerate(OUTPUT_NAMES)
+        }
 
 
 OUTPUT_NAMES = ["age", "group", "gender"]

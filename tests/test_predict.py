@@ -40,6 +40,20 @@ def test_onnx_runtime_predicts_what_pytorch_predicts(predictors, crops) -> None:
         assert row["gender_prob"] == pytest.approx(reference["gender_prob"], abs=1e-4)
 
 
+def test_onnx_runtime_runs_a_large_batch_in_parts_with_the_same_outputs(predictors) -> None:
+    runtime, size = predictors["onnx"].runtime, predictors["onnx"].config.image_size
+    images = torch.rand(2 * runtime.max_batch + 3, 3, size, size)
+    in_parts = runtime(images)
+    runtime.max_batch, limit = len(images), runtime.max_batch
+    try:
+        whole = runtime(images)
+    finally:
+        runtime.max_batch = limit
+    for name, value in whole.items():
+        assert in_parts[name].shape == value.shape == (len(images), *value.shape[1:])
+        torch.testing.assert_close(in_parts[name], value, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_flip_tta_averages_the_face_and_its_mirror(model_path, crops, runtime) -> None:
     plain = Predictor(model_path, {"detector": "none"}, runtime=runtime, flip_tta=False)
