@@ -25,12 +25,12 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import held_out_parser, split_crops, write_results  # noqa: E402
-from group_probe import onnx_session  # noqa: E402
+from common import every_split, held_out_parser, write_results  # noqa: E402
+from group_probe import input_batches, onnx_session  # noqa: E402
 
 from agepipe.config import AgeGroups  # noqa: E402
 from agepipe.labels import group_index  # noqa: E402
-from agepipe.model import create_backbone, model_input  # noqa: E402
+from agepipe.model import create_backbone  # noqa: E402
 
 
 class PooledFeatures(nn.Module):
@@ -48,10 +48,8 @@ def frozen_features(crops: list[np.ndarray], name: str, size: int, batch: int = 
     """Every crop's frozen ImageNet features at `size` px, normalised as agepipe's networks see their input,
     and the images per second of the ONNX graph that made them."""
     session = onnx_session(PooledFeatures(create_backbone(name)), size)
-    features, start = [], time.perf_counter()
-    for first in range(0, len(crops), batch):
-        images = model_input(torch.from_numpy(np.stack(crops[first : first + batch])).permute(0, 3, 1, 2), size)
-        features.append(session.run(None, {"image": images.numpy()})[0])
+    start = time.perf_counter()
+    features = [session.run(None, {"image": images})[0] for images in input_batches(crops, size, batch)]
     return np.concatenate(features), len(crops) / (time.perf_counter() - start)
 
 
@@ -61,14 +59,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[160])
     args = parser.parse_args()
 
-    parts, crops, ages = {}, [], []
-    for part in ("train", "val", "test"):
-        frame, part_crops = split_crops(args.faces, args.split, part)
-        parts[part] = np.arange(len(crops), len(crops) + len(part_crops))
-        crops += part_crops
-        ages += list(frame["label_age"])
-        print(f"{part}: {len(part_crops)} faces", flush=True)
-    ages = np.array(ages, dtype=float)
+    parts, crops, ages = every_split(args.faces, args.split)
     groups = np.array([group_index(age, AgeGroups()) for age in ages])
     train = parts["train"]
 

@@ -119,6 +119,19 @@ def split_crops(
     return frame.drop(columns="image"), crops
 
 
+def every_split(faces: str, split_file: str) -> tuple[dict[str, np.ndarray], list[np.ndarray], np.ndarray]:
+    """The train, val and test faces of `split_crops` in one list: each split's positions in it, the crops and
+    their label ages."""
+    parts, crops, ages = {}, [], []
+    for part in ("train", "val", "test"):
+        frame, part_crops = split_crops(faces, split_file, part)
+        parts[part] = np.arange(len(crops), len(crops) + len(part_crops))
+        crops += part_crops
+        ages += list(frame["label_age"])
+        print(f"{part}: {len(part_crops)} faces", flush=True)
+    return parts, crops, np.array(ages, dtype=float)
+
+
 def split_summary(predictions: list[dict], frame: pd.DataFrame) -> dict:
     """`metrics.metrics_summary` of a split from a Predictor's predictions for `split_crops`."""
     return metrics_summary(pd.concat([frame, pd.DataFrame(predictions)], axis=1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import held_out_parser, split_crops, write_results  # noqa: E402
+from common import every_split, held_out_parser, write_results  # noqa: E402
 
 from agepipe.labels import group_index  # noqa: E402
 from agepipe.model import AgeModel, AgeNetwork, load_checkpoint, model_input, networks  # noqa: E402
@@ -60,6 +61,12 @@ def onnx_session(module: nn.Module, size: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+def input_batches(crops: list[np.ndarray], size: int, batch: int) -> Iterator[np.ndarray]:
+    """The crops as the network's input at `size` px (`model_input`), `batch` at a time."""
+    for start in range(0, len(crops), batch):
+        yield model_input(torch.from_numpy(np.stack(crops[start : start + batch])).permute(0, 3, 1, 2), size).numpy()
+
+
 def features_and_heads(
     crops: list[np.ndarray], network: AgeNetwork, layer: str, batch: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +74,9 @@ def features_and_heads(
     size = network.config.image_size
     sessions = [onnx_session(ProbedFeatures(member, layer), size) for member in networks(network)]
     features, heads = [[] for _ in sessions], [[] for _ in sessions]
-    for start in range(0, len(crops), batch):
-        images = model_input(torch.from_numpy(np.stack(crops[start : start + batch])).permute(0, 3, 1, 2), size)
+    for images in input_batches(crops, size, batch):
         for i, session in enumerate(sessions):
-            shared, logits = session.run(None, {"image": images.numpy()})
+            shared, logits = session.run(None, {"image": images})
             features[i].append(shared)
             heads[i].append(logits.argmax(1))
     return np.stack([np.concatenate(f) for f in features]), np.stack([np.concatenate(h) for h in heads])
@@ -82,14 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     network, _, _ = load_checkpoint(args.model)
-    parts, crops, truth = {}, [], []
-    for part in ("train", "val", "test"):
-        frame, part_crops = split_crops(args.faces, args.split, part)
-        parts[part] = np.arange(len(crops), len(crops) + len(part_crops))
-        crops += part_crops
-        truth += [group_index(age, network.config.groups) for age in frame["label_age"]]
-        print(f"{part}: {len(part_crops)} faces", flush=True)
-    truth = np.array(truth)
+    parts, crops, ages = every_split(args.faces, args.split)
+    truth = np.array([group_index(age, network.config.groups) for age in ages])
     features, heads = features_and_heads(crops, network, args.features)
 
     def row(name: str, chosen: np.ndarray) -> dict:

@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument("--results", default="label-duplicates")
     args = parser.parse_args()
 
-    files = [f for f in utkface_files() if "age" in parse_utkface(f.name)]
-    labels = pd.DataFrame([parse_utkface(f.name) for f in files])
+    parsed = [(f, parse_utkface(f.name)) for f in utkface_files()]
+    files = [f for f, label in parsed if "age" in label]
+    labels = pd.DataFrame([label for _, label in parsed if "age" in label])
     labels["name"] = [f.name for f in files]
     labels["group"] = [group_index(age, AgeGroups()) for age in labels["age"]]
     labels["split"] = labels["name"].map(pd.read_parquet(args.split).set_index("name")["split"]).fillna("none")
