@@ -132,6 +132,7 @@ SETTINGS_COMMANDS: dict[str, tuple[type, str, Callable[[Any], str] | None]] = {
     "train": (config.TrainSettings, "agepipe.train:run_training", lambda result: f"train: {result}"),
     "evaluate": (config.EvaluateSettings, "agepipe.evaluate:run_evaluate", evaluate_line),
     "tune": (config.TuneSettings, "agepipe.tune:run_tune", lambda result: f"tune: {result}"),
+    "calibrate": (config.CalibrateSettings, "agepipe.calibrate:run_calibrate", str),
     "serve": (config.ServeSettings, "agepipe.serve:run_server", None),
 }
 
@@ -164,6 +165,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full-precision", action="store_true", default=False, help="keep float32 weights (default fp16)"
     )
+    parser.add_argument(
+        "--calibration-data",
+        help="crop dataset with labels to calibrate the age intervals on (`agepipe calibrate --data`); unset: the "
+        "one the networks record training on, where it exists",
+    )
 
 
 @command("export", add_export_arguments)
@@ -173,7 +179,28 @@ def run_export_command(args: argparse.Namespace) -> int:
     crop = export_for_sharing(args.model, args.output, half=not args.full_precision)
     what = f"an ensemble of {len(args.model)} models" if len(args.model) > 1 else "the model"
     print(f"export: wrote {what} to {args.output} (crop settings {crop})")
+    print(f"export: {calibrate_export(args.output, getattr(args, 'calibration_data', None))}")
     return 0
+
+
+def calibrate_export(output: str, data: str | None) -> str:
+    """Give an exported checkpoint a calibration where it has none (an ensemble never has): fitted on `data`,
+    else on the dataset its networks record training on; a warning where there is neither."""
+    from agepipe.calibrate import Calibration, calibrate_checkpoint, describe, recorded_data
+    from agepipe.model import read_checkpoint
+
+    checkpoint = read_checkpoint(output)
+    if checkpoint.get("calibration") and not data:
+        return f"kept the model's {describe(Calibration.from_dict(checkpoint['calibration']))}"
+    data = data or recorded_data(checkpoint)
+    if not data:
+        logging.getLogger(__name__).warning(
+            "%s has no calibration: its age intervals are null until `agepipe calibrate --model %s --data FACES`",
+            output,
+            output,
+        )
+        return "no calibration (no --calibration-data, and the networks' training data is not here)"
+    return describe(calibrate_checkpoint(output, data))
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -214,6 +214,8 @@ MODEL_HELP = "checkpoint path or URI, or a bundled model: default (three network
 # "Serving"); batch scoring's default is the more accurate ensemble.
 SERVE_MODEL = "fast"
 
+INTERVAL_LEVEL_HELP = "level of each age's interval (0.9: 90 percent); unset: the level the model's calibration records"
+
 # Scoring takes every face of an image, whatever the model's crop keeps (the largest, whose label training had).
 SCORE_CROP_OVERRIDES = {"all_faces": True}
 
@@ -233,6 +235,7 @@ class ScoreSettings:
     gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
     runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
+    interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     rows_per_file: int = setting(5000, help="prediction rows per Parquet file")
 
 
@@ -307,6 +310,7 @@ class TrainSettings:
         "validation: validation metrics, early stopping and the best epoch then read trained faces",
     )
     seed: int = setting(42, help="seed of the split, balancing and shuffling")
+    interval_level: float = setting(0.9, help="level of the age interval calibrated on the val faces after training")
     limit: int | None = setting(None, help="use at most this many faces (quick runs)")
     num_workers: int = setting(2, help="Ray Train workers (DDP)")
     use_gpu: bool = setting(False, help="one GPU per worker")
@@ -335,6 +339,21 @@ class EvaluateSettings:
 
 
 @dataclass
+class CalibrateSettings:
+    """Calibrate a checkpoint's age intervals on labelled faces it did not train on (split conformal)."""
+
+    model: str = setting("", help="checkpoint path or URI to calibrate", required=True)
+    data: str = setting(
+        "",
+        help="crop dataset with labels (path or s3://): the val faces where the model records training on it, "
+        "else every labelled face, taken as held out",
+        required=True,
+    )
+    output: str | None = setting(None, help="where to write the calibrated checkpoint; unset: over --model")
+    interval_level: float = setting(0.9, help="level of the interval recorded with the model (0.9: 90 percent)")
+
+
+@dataclass
 class ServeSettings:
     """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
 
@@ -345,6 +364,7 @@ class ServeSettings:
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
     runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
+    interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC
     # frozen after start-up), applied to a Ray that agepipe starts; variables already set win. Direct
     # ingress stays off: without Ray's HAProxy ingress it only opens another port per replica.

@@ -304,8 +304,10 @@ def ensemble_checkpoint(checkpoints: Sequence[dict], sources: Sequence[str]) -> 
         for name, tensor in checkpoint["state_dict"].items()
     }
     shared = ("format", "model_config", "crop", "state_dict")
+    # A member's calibration fits that network's errors, not the ensemble's: the ensemble gets its own.
+    not_recorded = (*shared, "calibration")
     member_records = [
-        {"source": source, **{k: v for k, v in checkpoint.items() if k not in shared}}
+        {"source": source, **{k: v for k, v in checkpoint.items() if k not in not_recorded}}
         for checkpoint, source in zip(checkpoints, sources, strict=True)
     ]
     return {

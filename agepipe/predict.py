@@ -4,7 +4,8 @@ It loads a checkpoint (the committed default model when none is given) with
 `weights_only=True`, crops faces with the crop job's function and the crop
 settings recorded in the checkpoint (overridable), runs the model in batches
 on the GPU when there is one, optionally averages with the horizontally
-flipped face, and returns age, its uncertainty, age group and gender.
+flipped face, and returns age, its calibrated interval (the checkpoint's `calibration`), the
+distribution head's spread where there is one, age group and gender.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from agepipe import storage
+from agepipe.calibrate import Calibration, check_level
 from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weight_dirs
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
@@ -142,6 +144,7 @@ class Predictor:
         batch_size: int = MODEL_BATCH_SIZE,
         detector: Detector | None = None,
         runtime: str | None = None,
+        interval_level: float | None = None,
     ) -> None:
         self.model_uri = model_location(model_uri)
         model, crop, checkpoint = load_checkpoint(self.model_uri)
@@ -156,6 +159,16 @@ class Predictor:
         self.flip_tta = flip_tta
         self.batch_size = batch_size
         self.checkpoint_info = {k: checkpoint.get(k) for k in ("val_mae", "epoch")}
+        recorded = checkpoint.get("calibration")
+        self.calibration = Calibration.from_dict(recorded) if recorded else None
+        if self.calibration is None:
+            logger.warning(
+                "%s has no calibration: age_low and age_high are null (agepipe calibrate --model %s --data FACES)",
+                self.model_uri,
+                self.model_uri,
+            )
+        # None: the level recorded with the calibration.
+        self.interval_level = None if interval_level is None else check_level(interval_level)
         self._detector = detector
 
     def __getstate__(self) -> dict[str, Any]:
@@ -214,6 +227,8 @@ class Predictor:
         for start in range(0, len(crops), self.batch_size):
             outputs = self.predict_tensor(self._batch_tensor(crops[start : start + self.batch_size]))
             outputs = {k: v.float().cpu().numpy() for k, v in outputs.items()}
+            if self.calibration is not None:
+                lows, highs = self.calibration.bounds(outputs["age"], self.config.max_age, self.interval_level)
             for i in range(len(outputs["age"])):
                 group_probs = outputs["group"][i]
                 gender_probs = outputs["gender"][i]
@@ -221,6 +236,8 @@ class Predictor:
                 results.append(
                     {
                         "age": float(outputs["age"][i]),
+                        "age_low": None if self.calibration is None else float(lows[i]),
+                        "age_high": None if self.calibration is None else float(highs[i]),
                         "age_std": float(outputs["age_std"][i]) if "age_std" in outputs else None,
                         "age_group": self.group_names[int(group_probs.argmax())],
                         "age_group_probs": {n: float(p) for n, p in zip(self.group_names, group_probs, strict=True)},
@@ -237,7 +254,8 @@ class Predictor:
 
 # A prediction's columns in a scoring job's output (`prediction_columns`).
 PREDICTION_FIELDS = arrow_fields(
-    "age:float32 age_std:float32 age_group:string age_group_prob:float32 gender:string gender_prob:float32"
+    "age:float32 age_low:float32 age_high:float32 age_std:float32 age_group:string age_group_prob:float32 "
+    "gender:string gender_prob:float32"
 )
 
 
@@ -245,6 +263,8 @@ def prediction_columns(prediction: dict[str, Any]) -> dict[str, Any]:
     """A `Predictor.predict_crops` result as the output row's prediction columns (`PREDICTION_FIELDS`)."""
     return {
         "age": prediction["age"],
+        "age_low": prediction["age_low"],
+        "age_high": prediction["age_high"],
         "age_std": prediction["age_std"],
         "age_group": prediction["age_group"],
         "age_group_prob": prediction["age_group_probs"][prediction["age_group"]],
@@ -257,9 +277,13 @@ def prediction_json(prediction: dict[str, Any]) -> dict[str, Any]:
     """A `Predictor.predict_crops` result as the HTTP answer gives it, rounded."""
     return {
         "age": round(prediction["age"], 2),
-        "age_std": None if prediction["age_std"] is None else round(prediction["age_std"], 2),
+        **{name: _rounded(prediction[name]) for name in ("age_low", "age_high", "age_std")},
         "age_group": prediction["age_group"],
         "age_group_probs": {k: round(v, 4) for k, v in prediction["age_group_probs"].items()},
         "gender": prediction["gender"],
         "gender_prob": round(prediction["gender_prob"], 4),
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -149,6 +149,7 @@ def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predi
         flip_tta=settings.flip_tta,
         batch_size=settings.batch_size,
         runtime=settings.runtime,
+        interval_level=settings.interval_level,
     )
 
 

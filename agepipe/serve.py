@@ -1,10 +1,10 @@
 """Online age estimation: a Ray Serve application with a FastAPI ingress and an upload page.
 
 `POST /predict` takes an image (raw body or multipart field `file`) and answers every face
-with its box, age (± uncertainty), age group and gender; `POST /explain` answers a Grad-CAM
-overlay PNG of the largest face; `GET /healthz` answers 200 once the model is loaded; `GET /`
-is the upload page. Bad input is a 4xx with a JSON `detail`, checked before anything is decoded
-where it can be (body size, content type).
+with its box, age and its calibrated interval (`age_low`, `age_high`), age group and gender;
+`POST /explain` answers a Grad-CAM overlay PNG of the largest face; `GET /healthz` answers 200 once
+the model is loaded; `GET /` is the upload page. Bad input is a 4xx with a JSON `detail`, checked
+before anything is decoded where it can be (body size, content type).
 
 Each request decodes and detects on its own (one detector thread per replica), then waits on
 `predict_faces`, which `@serve.batch` turns into one model forward pass for the faces of all
@@ -241,7 +241,11 @@ class AgeService:
 
         self.settings = settings
         self.predictor = Predictor(
-            settings.model, settings.crop_overrides, flip_tta=settings.flip_tta, runtime=settings.runtime
+            settings.model,
+            settings.crop_overrides,
+            flip_tta=settings.flip_tta,
+            runtime=settings.runtime,
+            interval_level=settings.interval_level,
         )
         # Single threads: the detector and the model are not shared between threads, and
         # detection of the next requests overlaps the forward pass of the current batch.

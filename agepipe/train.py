@@ -20,6 +20,7 @@ import torch
 
 from agepipe import storage
 from agepipe.augment import decode_crop
+from agepipe.calibrate import calibrate_checkpoint, describe
 from agepipe.cluster import init_ray
 from agepipe.config import CropSettings, TrainSettings, from_dict, recorded_crop_settings, to_dict
 from agepipe.crop import CROP_SETTINGS_FILE
@@ -281,4 +282,24 @@ def run_training(settings: TrainSettings) -> dict:
     plan = prepare_run(settings)
     teacher = teacher_targets(settings, plan) if settings.teacher else None
     result = make_trainer(settings, plan, settings.output, "ray_train", teacher=teacher).fit()
-    return export_checkpoint(result.checkpoint, settings, settings.output)
+    summary = export_checkpoint(result.checkpoint, settings, settings.output)
+    return {**summary, "calibration": calibrate_run(settings)}
+
+
+def calibrate_run(settings: TrainSettings) -> str:
+    """Calibrate the run's `model.pt` on its val faces (`calibrate.held_out_faces`); the line that says so.
+    With --train-on-val there are none the network did not train on: it says how to calibrate instead."""
+    model = storage.join(settings.output, "model.pt")
+    if settings.train_on_val:
+        logger.warning(
+            "--train-on-val: no val faces held out, so %s has no calibration and its age intervals are null; "
+            "calibrate it on faces it did not train on with `agepipe calibrate --model %s --data FACES`",
+            model,
+            model,
+        )
+        return "none (--train-on-val)"
+    try:
+        return describe(calibrate_checkpoint(model, settings.data, level=settings.interval_level))
+    except ValueError as exc:  # too few val faces (a --limit run): the trained network is still worth keeping
+        logger.warning("%s has no calibration: %s", model, exc)
+        return f"none ({exc})"

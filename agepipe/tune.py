@@ -17,7 +17,14 @@ from ray import tune
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
 from agepipe.model import NETWORK_SHAPE_FIELDS
-from agepipe.train import export_checkpoint, make_trainer, prepare_run, with_absolute_paths, worker_cpus
+from agepipe.train import (
+    calibrate_run,
+    export_checkpoint,
+    make_trainer,
+    prepare_run,
+    with_absolute_paths,
+    worker_cpus,
+)
 from agepipe.train_data import plan_dataset
 from agepipe.train_loop import PLACEMENT_GROUP_ID
 
@@ -217,6 +224,7 @@ def run_tune(settings: TuneSettings) -> dict[str, Any]:
     summary = export_checkpoint(
         latest_trial_checkpoint(base.output, best.metrics["trial_id"]), best_settings, base.output
     )
+    summary["calibration"] = calibrate_run(best_settings)
     storage.write_bytes(
         storage.join(base.output, "best_config.json"),
         json.dumps({"config": best_config, "val_mae": summary["best_val_mae"]}, indent=2).encode(),

@@ -1,0 +1,263 @@
+"""Calibrated age intervals: split conformal prediction on held-out faces, adaptive to the predicted age.
+
+A face's interval is `age + shift(age) ± q * scale(age)`, widened where needed to hold the age itself.
+`shift` is the mean error of held-out faces predicted at about that age (the model pulls the old younger
+and the young older, so a senior's interval reaches further up than down) and `scale` their mean absolute
+error about it (a child's interval is narrow, a senior's wide); `q` is the conformal quantile of held-out
+faces' errors about the shifted age divided by the scale. The held-out faces are split in two: the curves
+are fitted on one half and the quantile taken on the other, so split conformal's guarantee holds (at least
+`level` of faces from the same distribution fall inside). Why the predicted age and not the ensemble
+members' disagreement: the model card's interval section and benchmarks/results/intervals-default.md.
+
+The pure functions here need no Ray and no model; `calibrate_checkpoint` scores a crop dataset's labelled
+faces with the Predictor and records the calibration in a checkpoint, where `score` and `serve` find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agepipe import storage
+from agepipe.config import CalibrateSettings, TrainSettings, from_dict
+from agepipe.model import model_location, read_checkpoint, save_checkpoint
+from agepipe.train_data import plan_dataset, read_labels, usable_rows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEVEL = 0.9
+CURVE_BINS = 10  # predicted-age bins of the curves: about 100 faces each in half of a 2,000-face val split
+MIN_SCALE = 0.5  # years: a bin of near-perfect predictions must not make every interval there a point
+MIN_FACES = 20  # held-out faces at least: 10 each for the curves and the quantile
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a checkpoint records (`to_dict`) to give every age an interval at `level` or another level."""
+
+    level: float
+    knot_ages: tuple[float, ...]  # predicted ages of the curves' knots, increasing; the curves are flat beyond
+    shifts: tuple[float, ...]  # the interval's centre minus the predicted age, at each knot (years)
+    scales: tuple[float, ...]  # the interval's half-width per unit of quantile, at each knot (years)
+    scores: tuple[float, ...]  # the quantile half's |actual - centre| / scale, sorted
+    faces: int  # held-out faces it was fitted on (both halves)
+    source: str  # where they came from, for the record
+
+    def quantile(self, level: float | None = None) -> float:
+        """The conformal quantile for `level` (default the recorded one): infinite when the scores are too
+        few for it, which makes the interval every age."""
+        return conformal_quantile(np.asarray(self.scores), self.level if level is None else level)
+
+    def bounds(self, ages: np.ndarray, max_age: float, level: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`age_low`, `age_high` for predicted `ages`: within [0, max_age], and holding the age."""
+        ages = np.asarray(ages, float)
+        quantile = self.quantile(level)
+        if math.isinf(quantile):
+            return np.zeros_like(ages), np.full_like(ages, max_age)
+        centre = ages + np.interp(ages, self.knot_ages, self.shifts)
+        half = quantile * np.interp(ages, self.knot_ages, self.scales)
+        return np.clip(centre - half, 0, ages), np.clip(centre + half, ages, max_age)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, so a checkpoint holding it still loads with `torch.load(weights_only=True)`."""
+        return {
+            "level": self.level,
+            "knot_ages": list(self.knot_ages),
+            "shifts": list(self.shifts),
+            "scales": list(self.scales),
+            "scores": list(self.scores),
+            "faces": self.faces,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Calibration:
+        return cls(
+            level=float(values["level"]),
+            **{name: tuple(float(v) for v in values[name]) for name in ("knot_ages", "shifts", "scales", "scores")},
+            faces=int(values["faces"]),
+            source=str(values["source"]),
+        )
+
+
+def check_level(level: float) -> float:
+    if not 0 < level < 1:
+        raise ValueError(f"an interval level is a share between 0 and 1 (0.9 for 90%), not {level}")
+    return float(level)
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The ceil((n + 1) * level)-th smallest of n scores: split conformal's finite-sample quantile."""
+    rank = math.ceil((len(scores) + 1) * check_level(level))
+    return math.inf if rank > len(scores) else float(np.sort(scores)[rank - 1])
+
+
+def fit_curves(predicted: np.ndarray, errors: np.ndarray, bins: int = CURVE_BINS) -> tuple[np.ndarray, ...]:
+    """Knots of the shift and scale curves from faces' predicted ages and errors (actual - predicted): per bin
+    of predicted age (equal counts), its median predicted age, its mean error, and its mean absolute error
+    about that mean (at least MIN_SCALE)."""
+    order = np.argsort(predicted, kind="stable")
+    chunks = np.array_split(order, min(bins, len(order)))
+    ages = np.array([np.median(predicted[chunk]) for chunk in chunks])
+    shifts = np.array([errors[chunk].mean() for chunk in chunks])
+    scales = np.array([max(MIN_SCALE, float(np.abs(errors[chunk] - errors[chunk].mean()).mean())) for chunk in chunks])
+    # Bins that share a median age (many faces predicted alike) become one knot: np.interp needs increasing ages.
+    knots = np.unique(ages)
+    return knots, *(np.array([curve[ages == age].mean() for age in knots]) for curve in (shifts, scales))
+
+
+def fit_calibration(
+    predicted: Sequence[float],
+    actual: Sequence[float],
+    level: float = DEFAULT_LEVEL,
+    adaptive: bool = True,
+    source: str = "",
+    seed: int = 0,
+) -> Calibration:
+    """A calibration from held-out faces' predicted and actual ages. The faces are split in two at random
+    (seeded): the curves are fitted on one half, the conformal scores taken on the other. `adaptive=False`
+    gives the plain interval: the age ± one width for every face."""
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    if len(predicted) != len(actual):
+        raise ValueError(f"{len(predicted)} predicted ages but {len(actual)} actual ones")
+    if len(predicted) < MIN_FACES:
+        raise ValueError(f"calibration needs at least {MIN_FACES} held-out faces with an age, got {len(predicted)}")
+    check_level(level)
+    errors = actual - predicted
+    order = np.random.default_rng(seed).permutation(len(predicted))
+    curve_half, score_half = order[: len(order) // 2], order[len(order) // 2 :]
+    if adaptive:
+        knots, shifts, scales = fit_curves(predicted[curve_half], errors[curve_half])
+    else:
+        knots, shifts, scales = np.zeros(1), np.zeros(1), np.ones(1)
+    at = predicted[score_half]
+    scores = np.abs(errors[score_half] - np.interp(at, knots, shifts)) / np.interp(at, knots, scales)
+    return Calibration(
+        level=level,
+        knot_ages=tuple(float(v) for v in knots),
+        shifts=tuple(float(v) for v in shifts),
+        scales=tuple(float(v) for v in scales),
+        scores=tuple(float(v) for v in np.sort(scores)),
+        faces=len(predicted),
+        source=source,
+    )
+
+
+def interval_stats(actual: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, Any]:
+    """Faces, coverage (share of actual ages inside their interval) and mean width in years."""
+    actual, low, high = (np.asarray(v, float) for v in (actual, low, high))
+    if not len(actual):
+        return {"faces": 0, "coverage": None, "mean_width": None}
+    inside = (low <= actual) & (actual <= high)
+    return {"faces": len(actual), "coverage": float(inside.mean()), "mean_width": float((high - low).mean())}
+
+
+def interval_stats_by(frame: pd.DataFrame, column: str, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """`interval_stats` per value of `column` (as `group`) of a frame with `label_age`, `age_low`, `age_high`."""
+    rows = frame[frame[column].notna()]
+    names = list(order) if order is not None else sorted(rows[column].astype(str).unique())
+    return [
+        {"group": name, **interval_stats(part["label_age"], part["age_low"], part["age_high"])}
+        for name in names
+        if len(part := rows[rows[column].astype(str) == name])
+    ]
+
+
+# --- calibrating a checkpoint on a crop dataset ---
+
+
+def network_records(checkpoint: dict) -> list[dict]:
+    """The per-network records of a checkpoint (an ensemble's members, else itself): their train settings."""
+    return checkpoint.get("members") or [checkpoint]
+
+
+def held_out_faces(checkpoint: dict, data: str) -> tuple[pd.DataFrame, str]:
+    """The labelled faces (path, face_index, age) of the crop dataset `data` that no network of the checkpoint
+    trained on, and how they were chosen. A network that records training on this dataset leaves its val
+    faces (the split re-made from its recorded settings; never its test faces, kept for measuring); a
+    dataset that no network records is taken as held out whole."""
+    frame, _ = usable_rows(read_labels(data))
+    frame = frame[["path", "face_index", "age"]]
+    held = pd.Series(True, index=frame.index)
+    trained_here = 0
+    for record in network_records(checkpoint):
+        recorded = record.get("train_settings")
+        if not recorded or recorded.get("data") != storage.absolute(data):
+            continue
+        trained_here += 1
+        plan, _ = plan_dataset(from_dict(TrainSettings, {**recorded, "data": data}))
+        val = plan.loc[(plan["split"] == "val") & ~plan["trained"]]
+        keys = set(zip(val["path"], val["face_index"], strict=True))
+        held &= pd.Series([key in keys for key in zip(frame["path"], frame["face_index"], strict=True)], frame.index)
+    if trained_here:
+        source = f"the val faces of {data} ({trained_here} network(s) trained on its train faces)"
+    else:
+        source = f"every labelled face of {data} (no network records training on it)"
+    faces = frame[held].reset_index(drop=True)
+    if len(faces) < MIN_FACES:
+        raise ValueError(
+            f"{data} has {len(faces)} labelled faces that the model did not train on ({source}); calibration needs "
+            f"{MIN_FACES}: give a crop dataset of held-out faces with labels"
+        )
+    return faces, source
+
+
+def predicted_ages(model: str, data: str, faces: pd.DataFrame) -> np.ndarray:
+    """The model's age for each of `faces`, from their crops in the dataset `data`, flip TTA off."""
+    import pyarrow.parquet as pq
+
+    from agepipe.augment import decode_crop
+    from agepipe.predict import Predictor
+
+    fs, path = storage.resolve(data)
+    table = pq.read_table(path, filesystem=fs, columns=["path", "face_index", "image"])
+    images = table.to_pandas().set_index(["path", "face_index"])["image"]
+    predictor = Predictor(model)
+    ages = []
+    for start in range(0, len(faces), predictor.batch_size):
+        chunk = faces.iloc[start : start + predictor.batch_size]
+        keys = zip(chunk["path"], chunk["face_index"], strict=True)
+        crops = [decode_crop(images[key]).permute(1, 2, 0).numpy() for key in keys]
+        ages += [row["age"] for row in predictor.predict_crops(crops)]
+    return np.array(ages)
+
+
+def calibrate_checkpoint(model: str, data: str, output: str | None = None, level: float = DEFAULT_LEVEL) -> Calibration:
+    """Fit the model's interval on the held-out labelled faces of the crop dataset `data` (`held_out_faces`)
+    and write the checkpoint with it to `output` (default: over `model`)."""
+    uri = model_location(model)
+    checkpoint = read_checkpoint(uri)
+    faces, source = held_out_faces(checkpoint, data)
+    logger.info("calibrating %s on %d faces: %s", uri, len(faces), source)
+    ages = predicted_ages(uri, data, faces)
+    calibration = fit_calibration(ages, faces["age"].to_numpy(float), level, source=source)
+    checkpoint["calibration"] = calibration.to_dict()
+    save_checkpoint(checkpoint, output or uri)
+    return calibration
+
+
+def recorded_data(checkpoint: dict) -> str | None:
+    """The crop dataset that every network of the checkpoint records training on, where it still exists."""
+    datasets = {(record.get("train_settings") or {}).get("data") for record in network_records(checkpoint)}
+    data = datasets.pop() if len(datasets) == 1 else None
+    return data if data and storage.exists(data) else None
+
+
+def describe(calibration: Calibration, ages: Sequence[float] = (5, 30, 70)) -> str:
+    """One line: the level, the faces it was fitted on and the interval at a few ages."""
+    low, high = calibration.bounds(np.asarray(ages, float), 100)
+    examples = ", ".join(f"{age:g}: {lo:.0f}-{hi:.0f}" for age, lo, hi in zip(ages, low, high, strict=True))
+    return f"{calibration.level:.0%} interval from {calibration.faces} faces, {calibration.source} ({examples})"
+
+
+def run_calibrate(settings: CalibrateSettings) -> str:
+    """`agepipe calibrate`: calibrate `settings.model` on `settings.data`; the line that reports it."""
+    output = settings.output or model_location(settings.model)
+    calibration = calibrate_checkpoint(settings.model, settings.data, output, settings.interval_level)
+    return f"calibrate: {describe(calibration)}; written to {output}"

@@ -1,0 +1,195 @@
+"""Calibrated age intervals: the split-conformal functions without Ray or a model, then a real checkpoint
+calibrated on a real crop dataset, saved, loaded, exported to ONNX and scored."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import run_cli
+
+from agepipe.calibrate import (
+    Calibration,
+    calibrate_checkpoint,
+    conformal_quantile,
+    fit_calibration,
+    held_out_faces,
+    interval_stats,
+    interval_stats_by,
+)
+from agepipe.model import export_for_sharing, load_checkpoint, read_checkpoint, save_checkpoint
+from agepipe.predict import Predictor, prediction_columns, prediction_json
+
+
+def heteroscedastic_faces(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and actual ages whose error grows with age (sd 1 + age / 8) and pulls old faces younger: the
+    shape of the shipped model's errors."""
+    rng = np.random.default_rng(seed)
+    actual = rng.uniform(1, 90, count)
+    predicted = np.clip(actual - 0.05 * (actual - 35) + rng.normal(0, 1 + actual / 8), 0, 100)
+    return predicted, actual
+
+
+def coverage_of(calibration: Calibration, predicted: np.ndarray, actual: np.ndarray, level=None) -> float:
+    low, high = calibration.bounds(predicted, 100, level)
+    return interval_stats(actual, low, high)["coverage"]
+
+
+def test_conformal_quantile_is_the_finite_sample_rank() -> None:
+    scores = np.arange(1.0, 10.0)  # 9 scores: ceil(10 * 0.9) = 9th smallest
+    assert conformal_quantile(scores, 0.9) == 9.0
+    assert conformal_quantile(scores, 0.5) == 5.0
+    assert conformal_quantile(scores, 0.95) == np.inf  # more than 9 scores can resolve
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        conformal_quantile(scores, 90)
+
+
+def test_the_adaptive_interval_covers_its_level_on_new_faces_and_is_narrow_for_the_young() -> None:
+    calibration = fit_calibration(*heteroscedastic_faces(2000, seed=1), level=0.9)
+    predicted, actual = heteroscedastic_faces(20_000, seed=2)
+    assert 0.88 <= coverage_of(calibration, predicted, actual) <= 0.92
+    assert 0.78 <= coverage_of(calibration, predicted, actual, level=0.8) <= 0.82
+    young, old = actual < 15, actual > 65
+    low, high = calibration.bounds(predicted, 100)
+    width = high - low
+    assert width[young].mean() * 2.5 < width[old].mean()  # a constant band would fail here
+    for part in (young, old):
+        assert interval_stats(actual[part], low[part], high[part])["coverage"] >= 0.85
+
+
+def test_the_plain_interval_is_one_width_and_misses_the_old() -> None:
+    plain = fit_calibration(*heteroscedastic_faces(2000, seed=1), adaptive=False)
+    predicted, actual = heteroscedastic_faces(20_000, seed=2)
+    low, high = plain.bounds(predicted, 100)
+    inner = (predicted > 30) & (predicted < 70)  # away from the clipping at 0 and 100
+    assert np.ptp((high - low)[inner]) < 1e-9
+    old = actual > 65
+    assert interval_stats(actual[old], low[old], high[old])["coverage"] < 0.85
+
+
+def test_bounds_hold_the_age_and_stay_in_range() -> None:
+    calibration = fit_calibration(*heteroscedastic_faces(500, seed=3))
+    ages = np.array([0.0, 0.4, 3.0, 50.0, 99.5, 100.0])
+    low, high = calibration.bounds(ages, 100)
+    assert np.all((low >= 0) & (low <= ages) & (ages <= high) & (high <= 100))
+    assert np.all(high - low > 0)
+    # A level the scores cannot resolve gives every age rather than a false promise.
+    tiny = fit_calibration(*heteroscedastic_faces(20, seed=4))
+    low, high = tiny.bounds(ages, 100, level=0.99)
+    assert np.all(low == 0) and np.all(high == 100)
+
+
+def test_higher_levels_give_wider_intervals() -> None:
+    calibration = fit_calibration(*heteroscedastic_faces(1000, seed=5))
+    ages = np.linspace(0, 100, 21)
+    widths = [np.subtract(*calibration.bounds(ages, 100, level)[::-1]) for level in (0.5, 0.8, 0.9, 0.95)]
+    assert all(np.all(wider >= narrower) for narrower, wider in zip(widths, widths[1:], strict=False))
+    assert widths[-1].mean() > widths[0].mean() * 1.5
+
+
+def test_a_calibration_survives_its_plain_dict_and_refuses_too_few_faces() -> None:
+    calibration = fit_calibration(*heteroscedastic_faces(300, seed=6), source="test faces")
+    again = Calibration.from_dict(calibration.to_dict())
+    assert again == calibration
+    ages = np.linspace(0, 100, 11)
+    np.testing.assert_array_equal(again.bounds(ages, 100)[1], calibration.bounds(ages, 100)[1])
+    with pytest.raises(ValueError, match="at least 20"):
+        fit_calibration(*heteroscedastic_faces(19, seed=6))
+
+
+def test_interval_stats_by_group() -> None:
+    frame = pd.DataFrame(
+        {
+            "label_age": [10, 20, 30, 40],
+            "age_low": [5, 25, 20, 35],
+            "age_high": [15, 30, 40, 50],
+            "label_gender": ["female", "female", "male", None],
+        }
+    )
+    rows = {row["group"]: row for row in interval_stats_by(frame, "label_gender")}
+    assert rows["female"] == {"group": "female", "faces": 2, "coverage": 0.5, "mean_width": 7.5}
+    assert rows["male"]["coverage"] == 1.0 and set(rows) == {"female", "male"}
+
+
+# --- a real checkpoint on a real crop dataset ---
+
+
+@pytest.fixture(scope="module")
+def calibrated(model_path, small_faces, tmp_path_factory) -> tuple[str, str]:
+    """The test model without its calibration, and calibrated by `agepipe calibrate` on the small crop dataset
+    (faces the model never trained on: it records training on another dataset)."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    bare = str(folder / "bare.pt")
+    checkpoint = read_checkpoint(model_path)
+    checkpoint.pop("calibration", None)
+    save_checkpoint(checkpoint, bare)
+    output = str(folder / "calibrated.pt")
+    result = run_cli("calibrate", "--model", bare, "--data", str(small_faces), "--output", output)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "calibrate:" in result.stdout and "240 faces" in result.stdout
+    return bare, output
+
+
+def test_agepipe_calibrate_records_a_calibration_that_loads_with_the_checkpoint(calibrated) -> None:
+    bare, output = calibrated
+    _, _, checkpoint = load_checkpoint(output)
+    calibration = Calibration.from_dict(checkpoint["calibration"])
+    assert calibration.level == 0.9 and calibration.faces == 240 and "every labelled face" in calibration.source
+    assert torch.load(output, weights_only=True)["calibration"] == checkpoint["calibration"]
+    assert "calibration" not in read_checkpoint(bare)
+
+
+def test_a_model_without_calibration_scores_with_null_intervals_and_a_warning(calibrated, caplog) -> None:
+    bare, _ = calibrated
+    crop = np.full((96, 96, 3), 120, np.uint8)
+    with caplog.at_level("WARNING"):
+        row = Predictor(bare, {"detector": "none"}).predict_crops([crop])[0]
+    assert row["age_low"] is None and row["age_high"] is None and row["age"] > 0
+    assert [r for r in caplog.records if "has no calibration" in r.getMessage()]
+    assert prediction_columns(row)["age_low"] is None and prediction_json(row)["age_high"] is None
+
+
+def test_the_interval_survives_onnx_export_pickling_and_sharing(calibrated, small_faces, tmp_path) -> None:
+    _, output = calibrated
+    frame = pd.read_parquet(small_faces, columns=["image", "age"]).head(12)
+    from agepipe.augment import decode_crop
+
+    crops = [decode_crop(image).permute(1, 2, 0).numpy() for image in frame["image"]]
+    torch_rows = Predictor(output, {"detector": "none"}, runtime="torch").predict_crops(crops)
+    onnx = pickle.loads(pickle.dumps(Predictor(output, {"detector": "none"}, runtime="onnx")))
+    assert onnx.model is None  # an actor's copy: the exported network alone, and the calibration
+    shared = str(tmp_path / "shared.pt")
+    export_for_sharing([output], shared)
+    for rows in (onnx.predict_crops(crops), Predictor(shared, {"detector": "none"}).predict_crops(crops)):
+        for row, reference in zip(rows, torch_rows, strict=True):
+            assert row["age_low"] == pytest.approx(reference["age_low"], abs=0.05)
+            assert row["age_high"] == pytest.approx(reference["age_high"], abs=0.05)
+    widths = [row["age_high"] - row["age_low"] for row in torch_rows]
+    assert all(row["age_low"] <= row["age"] <= row["age_high"] for row in torch_rows)
+    assert max(widths) - min(widths) > 1.0  # adaptive: not one band for every face
+
+
+def test_interval_level_changes_the_width(calibrated) -> None:
+    _, output = calibrated
+    crop = np.full((96, 96, 3), 120, np.uint8)
+    widths = {}
+    for level in (0.5, 0.9):
+        row = Predictor(output, {"detector": "none"}, runtime="torch", interval_level=level).predict_crops([crop])[0]
+        widths[level] = row["age_high"] - row["age_low"]
+    assert 0 < widths[0.5] < widths[0.9]
+
+
+def test_held_out_faces_of_a_dataset_the_model_trained_on_are_its_val_faces(calibrated, small_faces) -> None:
+    _, output = calibrated
+    checkpoint = read_checkpoint(output)
+    settings = {"data": str(small_faces), "seed": 3, "val_fraction": 0.25, "test_fraction": 0.25}
+    checkpoint["train_settings"] = settings
+    faces, source = held_out_faces(checkpoint, str(small_faces))
+    assert "val faces" in source and 40 <= len(faces) <= 80  # a quarter of 240, not the test or train faces
+    with pytest.raises(ValueError, match="did not train on"):
+        held_out_faces({**checkpoint, "train_settings": {**settings, "val_fraction": 0.02}}, str(small_faces))
+    calibration = calibrate_checkpoint(output, str(small_faces), str(small_faces.parent / "again.pt"), level=0.8)
+    assert calibration.level == 0.8
