@@ -39,6 +39,8 @@ class Detector(Protocol):
     name: str
     uses_gpu: bool  # runs on a GPU where its process can see one
     whole_image: bool  # every image is already a face crop: it is used as it is
+    input_side: int | None  # the longest image side it looks at; larger images are decoded smaller for it
+    batch_size: int  # images it takes at once (decoded together, so keep it small for per-image detectors)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         """Faces per image, for RGB uint8 arrays."""
@@ -109,6 +111,8 @@ class WholeImage:
     name = "none"
     uses_gpu = False
     whole_image = True
+    input_side = None
+    batch_size = 1
 
     def __init__(self, *, weights: str | None, min_score: float, device: Any):
         del weights, min_score, device
@@ -122,6 +126,7 @@ class PerImageDetector:
 
     uses_gpu = False
     whole_image = False
+    batch_size = 1
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         return [self._detect_one(image) for image in images]
@@ -134,13 +139,17 @@ class PerImageDetector:
 class YuNet(PerImageDetector):
     """OpenCV FaceDetectorYN with YuNet weights (a path or URI to the .onnx file).
 
-    Images are downscaled to at most `max_side` for detection and padded by a
-    border so faces that fill the frame (aligned crops) are still found.
+    Two passes, their faces merged: the image shrunk to `coarse_side` and padded by a border, so that a
+    face filling the frame (an aligned crop) or cut by it is still found, and, for larger images, the
+    image at up to `input_side` unpadded, so that a small face in a large photo spans enough of
+    YuNet's input to be found.
     """
 
     name = "yunet"
-    max_side = 640
+    input_side = 1344
+    coarse_side = 320
     pad_fraction = 0.25
+    overlap = 0.3  # boxes of two passes overlapping more than this (IoU) are one face
 
     def __init__(self, *, weights: str | None, min_score: float, device: Any):
         del device
@@ -148,12 +157,20 @@ class YuNet(PerImageDetector):
             raise ValueError(
                 "yunet needs --detector-weights: a path or URI to face_detection_yunet*.onnx (OpenCV model zoo)"
             )
-        self._model = cv2.FaceDetectorYN.create(storage.local_copy(weights), "", (320, 320), min_score, 0.3, 5000)
+        self._model = cv2.FaceDetectorYN.create(
+            storage.local_copy(weights), "", (320, 320), min_score, self.overlap, 5000
+        )
 
     def _detect_one(self, image: np.ndarray) -> list[Face]:
         height, width = image.shape[:2]
-        small, factor = _scale_to(image, self.max_side)
-        pad = int(round(max(small.shape[:2]) * self.pad_fraction))
+        faces = self._pass(image, self.coarse_side, self.pad_fraction)
+        if max(height, width) > self.coarse_side:
+            faces = merge_faces(self._pass(image, self.input_side, 0.0), faces, self.overlap)
+        return _visible(faces, width, height)
+
+    def _pass(self, image: np.ndarray, max_side: int, pad_fraction: float) -> list[Face]:
+        small, factor = _scale_to(image, max_side)
+        pad = int(round(max(small.shape[:2]) * pad_fraction))
         bgr = cv2.copyMakeBorder(np.ascontiguousarray(small[:, :, ::-1]), pad, pad, pad, pad, cv2.BORDER_CONSTANT)
         self._model.setInputSize((bgr.shape[1], bgr.shape[0]))
         _, found = self._model.detect(bgr)
@@ -165,7 +182,22 @@ class YuNet(PerImageDetector):
             # which in the image run left to right as Face.landmarks does.
             points = tuple(((row[i] - pad) / factor, (row[i + 1] - pad) / factor) for i in range(4, 14, 2))
             faces.append(Face(tuple(box), float(row[-1]), tuple(map(_floats, points))))
-        return _visible(faces, width, height)
+        return faces
+
+
+def merge_faces(fine: list[Face], coarse: list[Face], overlap: float) -> list[Face]:
+    """The faces of a finer pass, and those of a coarser pass that none of them overlaps by more than
+    `overlap` (IoU): a face found twice keeps the finer pass's box and landmarks, drawn on more pixels."""
+    return fine + [face for face in coarse if all(box_iou(face.box, other.box) <= overlap for other in fine)]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 @register_detector("dlib")
@@ -174,6 +206,7 @@ class DlibHog(PerImageDetector):
 
     name = "dlib"
     max_side = 800
+    input_side = max_side
     # HOG scores are SVM margins around 0, not probabilities: shifted so that a face's score, like every
     # detector's, is kept when it is at least `min_score`.
     score_offset = 0.6
@@ -208,6 +241,8 @@ class Yolo:
     uses_gpu = True
     whole_image = False
     image_size = 640
+    input_side = image_size
+    batch_size = 32  # a GPU's batch; frames this small hold 32 x 1.2 MB at most
 
     def __init__(self, *, weights: str | None, min_score: float, device: Any):
         from ultralytics import YOLO

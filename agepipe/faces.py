@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from agepipe.config import CropSettings
 from agepipe.detectors import Detector, Face, clip_box
-from agepipe.images import ImageError, decode
+from agepipe.images import ImageError, SourceImage
 
 # A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
 # the image is filled with ImageNet's mean colour, which the network's input normalization turns into
@@ -142,12 +142,16 @@ def _square_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[n
     return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
 
 
-def crop_face(image: np.ndarray, face: Face, settings: CropSettings) -> tuple[np.ndarray, tuple]:
-    """The crop of one face by `settings.geometry`, resized to `settings.size`, and its box in source pixels."""
+def crop_transform(face: Face, settings: CropSettings, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The affine transform from source pixels to the face's crop, by `settings.geometry`."""
     if settings.geometry not in CROP_GEOMETRIES:
         raise ValueError(f"unknown crop geometry {settings.geometry!r}: choose one of {sorted(CROP_GEOMETRIES)}")
-    transform = CROP_GEOMETRIES[settings.geometry](face, settings.margin, settings.size, image.shape)
-    return warp_crop(image, transform, settings.size)
+    return CROP_GEOMETRIES[settings.geometry](face, settings.margin, settings.size, image_shape)
+
+
+def crop_face(image: np.ndarray, face: Face, settings: CropSettings) -> tuple[np.ndarray, tuple]:
+    """The crop of one face by `settings.geometry`, resized to `settings.size`, and its box in source pixels."""
+    return warp_crop(image, crop_transform(face, settings, image.shape), settings.size)
 
 
 def whole_image_crop(image: np.ndarray, settings: CropSettings) -> tuple[np.ndarray, tuple]:
@@ -191,62 +195,128 @@ _UNSET_FACE_COLUMNS = {f.name: None for f in FACE_SCHEMA if f.name != "path"}
 
 
 def crop_images(
-    payloads: Sequence[bytes | np.ndarray], detector: Detector, settings: CropSettings
+    payloads: Sequence[bytes | np.ndarray], detector: Detector, settings: CropSettings, source_side: int | None = None
 ) -> list[list[dict[str, Any]]]:
     """Decode, detect and crop a batch of images; one list of rows per input.
 
-    Each row has face_index, x1..y2 (face box in source pixels), crop_box,
-    score, num_faces, detector, width, height, `crop` (RGB uint8 array or None)
-    and `error` (None, `no_face`, or the decoding failure's reason).
+    Each row has face_index, x1..y2 (face box in the upright image's pixels), crop_box, score,
+    num_faces, detector, width, height, `crop` (RGB uint8 array or None) and `error` (None, `no_face`,
+    or the decoding failure's reason).
+
+    Images go through `detector.batch_size` at a time, each decoded only as finely as a step needs: the
+    detector's input side for detection, and for the crops enough pixels that each face's crop region
+    holds at least `source_side` of them (default `settings.size`) where the image has them. A frame is
+    released once its crops are cut, so memory does not grow with the batch or the photo size.
     """
-    decoded: list[np.ndarray | None] = []
-    errors: list[str | None] = []
-    for payload in payloads:
-        try:
-            image = payload if isinstance(payload, np.ndarray) else decode(payload, settings.max_pixels)
-            decoded.append(image)
-            errors.append(None)
-        except ImageError as exc:
-            decoded.append(None)
-            errors.append(exc.reason)
-    valid = [image for image in decoded if image is not None]
-    found = iter(detector.detect(valid))
-    results = []
-    for image, error in zip(decoded, errors, strict=True):
-        if image is None:
-            results.append([face_row(detector.name, error=error)])
-            continue
-        faces = next(found)
-        chosen = select_faces(faces, settings)
-        if not chosen:
-            row = face_row(detector.name, error="no_face", width=image.shape[1], height=image.shape[0])
-            results.append([row])
-            continue
-        rows = []
-        for index, face in enumerate(chosen):
-            if detector.whole_image:
-                crop, crop_box = whole_image_crop(image, settings)
-            else:
-                crop, crop_box = crop_face(image, face, settings)
-            x1, y1, x2, y2 = clip_box(face.box, image.shape[1], image.shape[0])  # the face's visible part
-            rows.append(
-                face_row(
-                    detector.name,
-                    face_index=index,
-                    x1=x1,
-                    y1=y1,
-                    x2=x2,
-                    y2=y2,
-                    crop_box=list(crop_box),
-                    score=face.score,
-                    num_faces=len(faces),
-                    width=image.shape[1],
-                    height=image.shape[0],
-                    crop=crop,
-                )
-            )
-        results.append(rows)
+    results: list[list[dict[str, Any]]] = []
+    for start in range(0, len(payloads), detector.batch_size):
+        sources = [_open(payload, settings) for payload in payloads[start : start + detector.batch_size]]
+        opened = [source for source in sources if isinstance(source, SourceImage)]
+        found = iter(_detect(opened, detector))
+        for source in sources:
+            if isinstance(source, str):
+                results.append([face_row(detector.name, error=source)])
+                continue
+            results.append(_crop_rows(source, next(found), detector, settings, source_side or settings.size))
+            source.release()
     return results
+
+
+def _open(payload: bytes | np.ndarray, settings: CropSettings) -> SourceImage | str:
+    """The image, or the reason it cannot be decoded."""
+    if isinstance(payload, np.ndarray):
+        return SourceImage.from_pixels(payload)
+    try:
+        return SourceImage(payload, settings.max_pixels)
+    except ImageError as exc:
+        return exc.reason
+
+
+def _detect(sources: list[SourceImage], detector: Detector) -> list[list[Face] | str]:
+    """Faces per image in its upright pixels, found on a decode no larger than the detector looks at;
+    the decoding failure's reason for an image whose header reads but whose pixels do not."""
+    if detector.whole_image:
+        return [[Face((0.0, 0.0, float(s.width), float(s.height)), 1.0)] for s in sources]
+    views: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for index, source in enumerate(sources):
+        try:
+            views[index] = source.pixels(detector.input_side)
+        except ImageError as exc:
+            errors[index] = exc.reason
+    found = dict(zip(views, detector.detect(list(views.values())), strict=True))
+    return [
+        errors[i]
+        if i in errors
+        else [scale_face(face, s.width / views[i].shape[1], s.height / views[i].shape[0]) for face in found[i]]
+        for i, s in enumerate(sources)
+    ]
+
+
+def scale_face(face: Face, scale_x: float, scale_y: float) -> Face:
+    """The face in pixels `scale_x` (`scale_y`) times as large."""
+    x1, y1, x2, y2 = face.box
+    landmarks = None
+    if face.landmarks is not None:
+        landmarks = tuple((x * scale_x, y * scale_y) for x, y in face.landmarks)
+    return Face((x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y), face.score, landmarks)
+
+
+def crop_region_side(face: Face, settings: CropSettings, image_shape: tuple[int, ...]) -> float:
+    """How many source pixels across the face's crop takes."""
+    transform = crop_transform(face, settings, image_shape)
+    return settings.size / math.sqrt(abs(np.linalg.det(transform[:, :2])))
+
+
+def _crop_rows(
+    source: SourceImage, faces: list[Face] | str, detector: Detector, settings: CropSettings, source_side: int
+) -> list[dict[str, Any]]:
+    """The rows of one image: its chosen faces cut from a decode that gives each crop region at least
+    `source_side` pixels across where the image has them."""
+    width, height = source.width, source.height
+    if isinstance(faces, str):
+        return [face_row(detector.name, error=faces)]
+    chosen = select_faces(faces, settings)
+    if not chosen:
+        return [face_row(detector.name, error="no_face", width=width, height=height)]
+    if detector.whole_image:
+        needed = source_side
+    else:
+        shape = (height, width)
+        needed = max(
+            math.ceil(source.long_side * min(1.0, source_side / crop_region_side(face, settings, shape)))
+            for face in chosen
+        )
+    try:
+        image = source.pixels(needed)
+    except ImageError as exc:
+        return [face_row(detector.name, error=exc.reason)]
+    scale_x, scale_y = width / image.shape[1], height / image.shape[0]
+    rows = []
+    for index, face in enumerate(chosen):
+        if detector.whole_image:
+            crop, crop_box = whole_image_crop(image, settings)
+        else:
+            crop, crop_box = crop_face(image, scale_face(face, 1 / scale_x, 1 / scale_y), settings)
+        left, top, right, bottom = crop_box
+        x1, y1, x2, y2 = clip_box(face.box, width, height)  # the face's visible part
+        rows.append(
+            face_row(
+                detector.name,
+                face_index=index,
+                x1=x1,
+                y1=y1,
+                x2=x2,
+                y2=y2,
+                crop_box=[round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y)],
+                score=face.score,
+                num_faces=len(faces),
+                width=width,
+                height=height,
+                crop=crop,
+            )
+        )
+    return rows
 
 
 def face_row(detector_name: str, **values: Any) -> dict[str, Any]:

@@ -1,16 +1,19 @@
 """Safe image decoding and encoding.
 
-`decode` turns any bytes into an RGB uint8 array or raises ImageError with a
-short reason that becomes the `error` column: it applies EXIF orientation,
-converts every mode (L, P, CMYK, RGBA, 16-bit) and refuses decompression bombs
-before decoding their pixels.
+`SourceImage` reads an image's header and decodes its pixels on demand, a JPEG at a
+reduced (DCT-scaled) size where that is all a step needs; `decode` gives every pixel.
+Both raise ImageError with a short reason that becomes the `error` column: they apply
+EXIF orientation, convert every mode (L, P, CMYK, RGBA, 16-bit) and refuse
+decompression bombs before decoding their pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 import warnings
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -42,23 +45,95 @@ def pil_open():
     return opener
 
 
-def decode(data: bytes, max_pixels: int = CropSettings.max_pixels) -> np.ndarray:
-    """RGB uint8 array (H, W, 3) from encoded bytes; raises ImageError."""
-    if not data:
-        raise ImageError("empty")
-    try:
+# libjpeg's DCT scaling: a JPEG decodes at 1/2, 1/4 or 1/8 of its size for a fraction of the full cost.
+JPEG_REDUCTIONS = (1, 2, 4, 8)
+_OPENCV_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class SourceImage:
+    """An image's upright size, read from its header, and its pixels decoded on demand: a JPEG at the
+    smallest DCT scale that gives what is asked, so a 12-megapixel photo is never held whole unless a face
+    in it needs every pixel. The last decode is kept until a finer one is asked for or the image is dropped.
+
+    Raises ImageError when the bytes are not a decodable image within `max_pixels`."""
+
+    def __init__(self, data: bytes, max_pixels: int = CropSettings.max_pixels) -> None:
+        if not data:
+            raise ImageError("empty")
+        self.data = data
+        with _image_errors(data):
+            header = pil_open()(io.BytesIO(data))
+            stored_width, stored_height = header.size
+            if stored_width * stored_height > max_pixels:
+                raise ImageError("too_large", f"{stored_width}x{stored_height} exceeds {max_pixels} pixels")
+            rotated = header.getexif().get(0x0112, 1) in _ROTATED_ORIENTATIONS
+        self.width, self.height = (stored_height, stored_width) if rotated else (stored_width, stored_height)
+        self._opencv_jpeg = header.format == "JPEG" and header.mode == "RGB" and data.endswith(b"\xff\xd9")
+        self._jpeg = header.format == "JPEG"
+        self._decoded: tuple[int, np.ndarray] | None = None
+
+    @classmethod
+    def from_pixels(cls, pixels: np.ndarray) -> SourceImage:
+        """An image already decoded (RGB uint8): `pixels` gives it as it is."""
+        image = cls.__new__(cls)
+        image.height, image.width = pixels.shape[:2]
+        image._decoded = (1, pixels)
+        image._jpeg = image._opencv_jpeg = False
+        return image
+
+    @property
+    def long_side(self) -> int:
+        return max(self.width, self.height)
+
+    def reduction_for(self, long_side: int) -> int:
+        """The coarsest DCT scale whose decode has a longer side of at least `long_side` (1 for other formats)."""
+        if not self._jpeg:
+            return 1
+        fits = [r for r in JPEG_REDUCTIONS if -(-self.long_side // r) >= long_side]
+        return max(fits, default=1)
+
+    def pixels(self, long_side: int | None = None) -> np.ndarray:
+        """RGB uint8 pixels, upright, with a longer side of at least `long_side` where the image has it
+        (None: every pixel). Their scale to the upright image is `width / shape[1]`, `height / shape[0]`."""
+        reduction = 1 if long_side is None else self.reduction_for(long_side)
+        if self._decoded is not None and self._decoded[0] <= reduction:
+            return self._decoded[1]
+        self._decoded = None  # release the coarser frame before decoding the finer one
+        with _image_errors(self.data):
+            self._decoded = (reduction, self._decode(reduction))
+        return self._decoded[1]
+
+    def release(self) -> None:
+        """Drop the decoded pixels."""
+        self._decoded = None
+
+    def _decode(self, reduction: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = pil_open()(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
-            fast = _decode_complete_color_jpeg(data, image)
-            if fast is not None:
-                return fast
+            if self._opencv_jpeg:
+                # Only files that end in the JPEG end marker: libjpeg fills a truncated file with grey and
+                # warns, where PIL raises (the `truncated` reason). OpenCV applies the EXIF orientation too.
+                bgr = cv2.imdecode(np.frombuffer(self.data, np.uint8), _OPENCV_FLAGS[reduction])
+                if bgr is not None:
+                    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            image = pil_open()(io.BytesIO(self.data))
+            if reduction > 1:
+                image.draft("RGB", (-(-image.size[0] // reduction), -(-image.size[1] // reduction)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
+
+
+@contextlib.contextmanager
+def _image_errors(data: bytes) -> Iterator[None]:
+    """Decoders' exceptions as ImageError with a short reason."""
+    try:
+        yield
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -71,17 +146,9 @@ def decode(data: bytes, max_pixels: int = CropSettings.max_pixels) -> np.ndarray
         raise ImageError(reason, str(exc)) from exc
 
 
-def _decode_complete_color_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
-    """A complete colour JPEG decoded by OpenCV, else None (PIL decodes it).
-
-    The same pixels as PIL's decode with EXIF orientation applied (tested), faster (benchmarks/stages.py
-    times decoding). Only files that end in the JPEG end marker:
-    libjpeg fills a truncated file with grey and warns, where PIL raises (the `truncated` reason).
-    """
-    if header.format != "JPEG" or header.mode != "RGB" or not data.endswith(b"\xff\xd9"):
-        return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def decode(data: bytes, max_pixels: int = CropSettings.max_pixels) -> np.ndarray:
+    """Every pixel of an image, RGB uint8 (H, W, 3), EXIF orientation applied; raises ImageError."""
+    return SourceImage(data, max_pixels).pixels()
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -39,8 +39,24 @@ from agepipe.model import DEFAULT_MODEL  # noqa: E402
 FACE_FREE = ("coffee", "chelsea", "rocket", "hubble_deep_field", "coins", "moon", "page", "text", "horse",
              "clock", "brick", "grass", "gravel", "colorwheel", "immunohistochemistry", "retina", "cell",
              "logo", "microaneurysms")  # fmt: skip
-PHOTO_SIZES = ((640, 480), (480, 640), (800, 600))
 FACE_COUNTS, FACE_COUNT_P = (0, 1, 2, 3, 4), (0.12, 0.28, 0.25, 0.2, 0.15)
+
+
+@dataclass(frozen=True)
+class PhotoStyle:
+    """What the built photos look like: their sizes (width, height), the faces' size range in pixels,
+    the share of portrait photos stored sideways with an EXIF orientation tag, and sensor noise (the
+    standard deviation of the background's grain, in grey levels)."""
+
+    sizes: tuple[tuple[int, int], ...] = ((640, 480), (480, 640), (800, 600))
+    face_sizes: tuple[float, float] = (60, 240)
+    exif_rotated: float = 0.0
+    noise: float = 0.0
+
+
+WILD = PhotoStyle()
+# Phone photos: 12 megapixels, faces of 120-900 px, half the portrait shots stored sideways.
+PHONE = PhotoStyle(sizes=((4032, 3024), (3024, 4032)), face_sizes=(120, 900), exif_rotated=0.5, noise=3.0)
 # YuNet's face box on a UTKFace image spans about this fraction of the image side (median over 306
 # images: 0.97), so a face of size s is pasted as an image of side s / FACE_FRACTION.
 FACE_FRACTION = 0.95
@@ -130,17 +146,25 @@ def paste_face(photo: np.ndarray, face: np.ndarray, center: tuple[float, float],
     """Put `face` (a square image) into `photo` scaled to `side`, rotated by `angle` degrees about its
     centre at `center`. The whole face image goes in, its edge softened by a pixel only: UTKFace's images
     end at the jaw and the hairline, so a wider feather would blend away part of the face itself (a
-    feather of 6% of the side raised MAE by a year; hard edges kept it at the aligned figure)."""
+    feather of 6% of the side raised MAE by a year; hard edges kept it at the aligned figure). Only the
+    region under the face is touched, so pasting into a 12-megapixel photo costs what the face does."""
     height, width = photo.shape[:2]
     n = face.shape[0]
     scale = side / n
+    reach = side * 0.75 + 2  # half the rotated square's diagonal, and the feather
+    left, top = max(int(center[0] - reach), 0), max(int(center[1] - reach), 0)
+    right, bottom = min(int(center[0] + reach) + 1, width), min(int(center[1] + reach) + 1, height)
+    if right <= left or bottom <= top:
+        return
     transform = cv2.getRotationMatrix2D((n / 2, n / 2), angle, scale)
-    transform[:, 2] += np.array(center) - np.array([n / 2, n / 2])
+    transform[:, 2] += np.array(center) - np.array([n / 2, n / 2]) - np.array([left, top])
+    size = (right - left, bottom - top)
     flags = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    warped = cv2.warpAffine(face, transform, (width, height), flags=flags)
-    alpha = cv2.warpAffine(np.ones((n, n), np.float32), transform, (width, height), flags=cv2.INTER_LINEAR)
+    warped = cv2.warpAffine(face, transform, size, flags=flags)
+    alpha = cv2.warpAffine(np.ones((n, n), np.float32), transform, size, flags=cv2.INTER_LINEAR)
     alpha = cv2.GaussianBlur(alpha, (3, 3), 0.7)[:, :, None]
-    photo[:] = (photo * (1 - alpha) + warped * alpha).round().clip(0, 255).astype(np.uint8)
+    region = photo[top:bottom, left:right]
+    region[:] = (region * (1 - alpha) + warped * alpha).round().clip(0, 255).astype(np.uint8)
 
 
 def place(face_size: float, width: int, height: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -164,16 +188,20 @@ def at_border(center: tuple[float, float], inside: float, edge: int, width: int,
 
 
 def compose_photo(
-    faces: list[np.ndarray], backgrounds: list[np.ndarray], rng: np.random.Generator
+    faces: list[np.ndarray], backgrounds: list[np.ndarray], rng: np.random.Generator, style: PhotoStyle = WILD
 ) -> tuple[np.ndarray, list[PastedFace], int]:
     """One photo holding `faces` (UTKFace images), the placed faces, and the JPEG quality to save it at."""
-    width, height = PHOTO_SIZES[int(rng.integers(len(PHOTO_SIZES)))]
+    width, height = style.sizes[int(rng.integers(len(style.sizes)))]
     photo = background(backgrounds, (width, height), rng)
     photo = (photo * rng.uniform(0.75, 1.25)).clip(0, 255).astype(np.uint8)
+    if style.noise:
+        grain = rng.normal(0, style.noise, (height, width, 1)).astype(np.float32)
+        photo = (photo + grain).clip(0, 255).astype(np.uint8)
     placed: list[PastedFace] = []
+    smallest, largest = style.face_sizes
     for face in faces:
         for _ in range(200):
-            face_size = float(rng.uniform(60, min(240, 0.6 * min(width, height))))
+            face_size = float(rng.uniform(smallest, min(largest, 0.6 * min(width, height))))
             center_x, center_y = place(face_size, width, height, rng)
             side = face_size / FACE_FRACTION
             if all(
@@ -192,12 +220,19 @@ def compose_photo(
     return photo, placed, int(rng.integers(60, 96))
 
 
-def build_photos(faces: pd.DataFrame, folder: Path, count: int, seed: int) -> pd.DataFrame:
+def build_photos(
+    faces: pd.DataFrame, folder: Path, count: int, seed: int, style: PhotoStyle = WILD, twins: Path | None = None
+) -> pd.DataFrame:
     """`count` photos from `faces` (each face used at most once) into `folder`; one truth row per
-    placed face (and none for photos without faces): photo path, centre, face size, source and labels."""
+    placed face (and none for photos without faces): photo path, centre, face size in the upright
+    photo, source and labels. Portrait photos are stored sideways with an EXIF orientation tag at the
+    style's share. With `twins`, each photo is also saved there shrunk to a quarter of its side (the
+    same name, the same orientation tag)."""
     rng = np.random.default_rng(seed)
     folder = folder.resolve()  # the scoring job reports absolute paths
     folder.mkdir(parents=True, exist_ok=True)
+    if twins is not None:
+        twins.mkdir(parents=True, exist_ok=True)
     backgrounds = list(face_free_photos().values())
     order = rng.permutation(len(faces))
     cursor = 0
@@ -207,12 +242,35 @@ def build_photos(faces: pd.DataFrame, folder: Path, count: int, seed: int) -> pd
         chosen = faces.iloc[order[cursor : cursor + wanted]]
         cursor += wanted
         images = [np.asarray(Image.open(p).convert("RGB")) for p in chosen["source"]]
-        photo, placed, quality = compose_photo(images, backgrounds, rng)
+        photo, placed, quality = compose_photo(images, backgrounds, rng, style)
+        sideways = photo.shape[0] > photo.shape[1] and rng.random() < style.exif_rotated
         path = folder / f"photo_{index:05d}.jpg"
-        Image.fromarray(photo).save(path, quality=quality)
+        save_photo(photo, path, quality, sideways)
+        if twins is not None:
+            small = cv2.resize(photo, (photo.shape[1] // 4, photo.shape[0] // 4), interpolation=cv2.INTER_AREA)
+            save_photo(small, twins / path.name, quality, sideways)
         for (_, face), spot in zip(chosen.iterrows(), placed, strict=False):
             truth.append({"path": str(path), **face.to_dict(), **spot.__dict__})
     return pd.DataFrame(truth)
+
+
+def save_photo(photo: np.ndarray, path: Path, quality: int, sideways: bool) -> None:
+    """Save as JPEG; `sideways` stores the pixels turned a quarter anticlockwise with EXIF orientation 6
+    (turn clockwise to show), as a phone does with a portrait shot."""
+    if not sideways:
+        Image.fromarray(photo).save(path, quality=quality)
+        return
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1))).save(path, quality=quality, exif=exif.tobytes())
+
+
+def twin_truth(truth: pd.DataFrame, twins: Path) -> pd.DataFrame:
+    """The truth rows of the quarter-size twins that `build_photos` saved in `twins`."""
+    scaled = truth.assign(path=[str(twins.resolve() / Path(p).name) for p in truth["path"]])
+    for column in ("center_x", "center_y", "face_size"):
+        scaled[column] = scaled[column] / 4
+    return scaled
 
 
 def match_faces(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[pd.DataFrame, int]:

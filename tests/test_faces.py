@@ -46,6 +46,8 @@ def test_largest_face_first_and_all_faces_option() -> None:
     class TwoFaces:
         name = "two"
         whole_image = False
+        input_side = None
+        batch_size = 4
 
         def detect(self, images):
             return [[Face((0, 0, 10, 10), 0.9), Face((20, 20, 60, 60), 0.8)] for _ in images]
