@@ -248,8 +248,9 @@ class Predictor:
         return results
 
     def crop_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
-        """Per image, the crop function's rows (box, score, crop, error) with this model's crop settings."""
-        return crop_images(payloads, self.detector, self.crop)
+        """Per image, the crop function's rows (box, score, crop, error) with this model's crop settings, each
+        crop cut from at least as many source pixels as the network's input has, where the image has them."""
+        return crop_images(payloads, self.detector, self.crop, source_side=min(self.crop.size, self.config.image_size))
 
 
 # A prediction's columns in a scoring job's output (`prediction_columns`).
