@@ -149,26 +149,6 @@ def fit_calibration(
     )
 
 
-def interval_stats(actual: np.ndarray, low: np.ndarray, high: np.ndarray) -> dict[str, Any]:
-    """Faces, coverage (share of actual ages inside their interval) and mean width in years."""
-    actual, low, high = (np.asarray(v, float) for v in (actual, low, high))
-    if not len(actual):
-        return {"faces": 0, "coverage": None, "mean_width": None}
-    inside = (low <= actual) & (actual <= high)
-    return {"faces": len(actual), "coverage": float(inside.mean()), "mean_width": float((high - low).mean())}
-
-
-def interval_stats_by(frame: pd.DataFrame, column: str, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """`interval_stats` per value of `column` (as `group`) of a frame with `label_age`, `age_low`, `age_high`."""
-    rows = frame[frame[column].notna()]
-    names = list(order) if order is not None else sorted(rows[column].astype(str).unique())
-    return [
-        {"group": name, **interval_stats(part["label_age"], part["age_low"], part["age_high"])}
-        for name in names
-        if len(part := rows[rows[column].astype(str) == name])
-    ]
-
-
 # --- calibrating a checkpoint on a crop dataset ---
 
 

@@ -334,6 +334,7 @@ class EvaluateSettings:
     model: str | None = setting(None, help="checkpoint for Grad-CAM; unset: the one score recorded")
     crop_overrides: dict[str, Any] = nested(dict, flags="crop")
     gradcam_faces: int = setting(8, help="faces in the Grad-CAM grid (0: none)")
+    gallery_photos: int = setting(12, help="scored photos in the gallery, widest age intervals first (0: none)")
     max_scatter_points: int = setting(20_000, help="points in the scatter plot at most")
     seed: int = setting(0, help="seed for the Grad-CAM and scatter samples")
 

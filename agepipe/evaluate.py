@@ -37,8 +37,10 @@ from agepipe.metrics import (
     training_summary,
 )
 from agepipe.plots import (
+    GalleryPhoto,
     GradcamTile,
     gradcam_tiles,
+    interval_gallery,
     plot_age_distribution,
     plot_confusion_matrix,
     plot_error_histogram,
@@ -140,6 +142,7 @@ class ScoreRun:
     model: str | None = None  # None: not recorded (evaluate's --model, else the default model)
     crop: dict[str, Any] = field(default_factory=dict)  # the crop it used; empty: the model's own
     input: str | None = None  # its input root, where label tables' relative paths are anchored
+    interval_level: float | None = None  # the level of its age intervals; None: none, or not recorded
 
 
 def read_score_run(predictions: str) -> ScoreRun:
@@ -149,7 +152,12 @@ def read_score_run(predictions: str) -> ScoreRun:
     if not storage.exists(uri):
         return ScoreRun()
     recorded = json.loads(storage.read_bytes(uri))
-    return ScoreRun(model=recorded["model"], crop=recorded["crop"], input=recorded["input"])
+    return ScoreRun(
+        model=recorded["model"],
+        crop=recorded["crop"],
+        input=recorded["input"],
+        interval_level=recorded.get("interval_level"),  # runs recorded before intervals existed have none
+    )
 
 
 # --- the HTML report ---
@@ -204,6 +212,16 @@ def report_tables(report: dict[str, Any]) -> dict[str, Any]:
             for name in GROUPINGS
             if metrics[f"by_{name}"]
         }
+    if metrics and metrics["interval"]:
+        intervals = metrics["interval"]
+        tables["interval"] = _table_html(pd.DataFrame([intervals["overall"]]), "interval-overall")
+        tables["interval_by"] = {
+            name.replace("_", " "): _table_html(
+                pd.DataFrame(intervals[f"by_{name}"]), f"interval-by-{name.replace('_', '-')}"
+            )
+            for name in GROUPINGS
+            if intervals[f"by_{name}"]
+        }
     if metrics and metrics["age_group"]["faces"]:
         group = metrics["age_group"]
         confusion = pd.DataFrame(group["confusion"], columns=group["labels"])
@@ -225,14 +243,16 @@ def report_tables(report: dict[str, Any]) -> dict[str, Any]:
     return tables
 
 
-def render_report(report: dict[str, Any], plots: dict[str, bytes]) -> str:
-    """The self-contained HTML report: the metrics of `report` (metrics.json) as tables, plots inline."""
+def render_report(report: dict[str, Any], plots: dict[str, bytes], gallery: Sequence[GalleryPhoto] = ()) -> str:
+    """The self-contained HTML report: the metrics of `report` (metrics.json) as tables, plots and the
+    gallery's photos inline."""
     environment = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return environment.from_string(REPORT_TEMPLATE.read_text()).render(
         report=report,
         tables=report_tables(report),
         plots={name: base64.b64encode(png).decode("ascii") for name, png in plots.items()},
         captions=PLOT_CAPTIONS,
+        gallery=[(photo, base64.b64encode(photo.jpeg).decode("ascii")) for photo in gallery],
     )
 
 
@@ -283,6 +303,7 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         tiles = gradcam_tiles(predictor, sample_faces(faces, settings.gradcam_faces, settings.seed))
         if tiles:
             plots["gradcam"] = plot_gradcam_grid(tiles)
+    gallery = interval_gallery(faces, settings.gallery_photos) if settings.gallery_photos > 0 and len(faces) else []
     report = {
         "predictions": settings.predictions,
         "labels": settings.labels.kind if settings.labels.kind != "none" else "from the predictions",
@@ -293,11 +314,13 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         "prediction_distribution": prediction_distribution(faces),
         "training": training_summary(run_metrics) if run_metrics is not None else None,
         "gradcam_faces": len(tiles),
+        "interval_level": score_run.interval_level,
+        "gallery": [{"path": photo.path, "faces": photo.labels} for photo in gallery],
         "plots": [f"{name}.png" for name in plots],
     }
     for name, png in plots.items():
         storage.write_bytes(storage.join(settings.output, f"{name}.png"), png)
     storage.write_bytes(storage.join(settings.output, "metrics.json"), json.dumps(report, indent=2).encode())
     report_uri = storage.join(settings.output, "report.html")
-    storage.write_bytes(report_uri, render_report(report, plots).encode())
+    storage.write_bytes(report_uri, render_report(report, plots, gallery).encode())
     return {**report, "report": report_uri}

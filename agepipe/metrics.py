@@ -8,6 +8,7 @@ prediction columns `age`, `age_group`, `gender` and the label columns `label_age
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,47 @@ def mae_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return grouped.reindex(order).reset_index()[header]
 
 
+def interval_stats(actual: Sequence[float], low: Sequence[float], high: Sequence[float]) -> dict[str, Any]:
+    """Faces, coverage (the share of actual ages inside their interval) and mean width in years."""
+    actual, low, high = (np.asarray(v, float) for v in (actual, low, high))
+    if not len(actual):
+        return {"faces": 0, "coverage": None, "mean_width": None}
+    inside = (low <= actual) & (actual <= high)
+    return {"faces": len(actual), "coverage": float(inside.mean()), "mean_width": float((high - low).mean())}
+
+
+def with_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows with an actual age and a predicted interval (none when the model had no calibration)."""
+    rows = with_ages(frame)
+    if "age_low" not in rows or "age_high" not in rows:
+        return rows.iloc[0:0]
+    return rows[rows["age_low"].notna() & rows["age_high"].notna()]
+
+
+def interval_by(frame: pd.DataFrame, column: str) -> list[dict[str, Any]]:
+    """`interval_stats` per value of `column` (as `group`, youngest first for age groups)."""
+    rows = with_intervals(frame)
+    if column not in rows:
+        return []
+    rows = rows[rows[column].notna()]
+    names = rows[column].astype(str)
+    return [
+        {"group": name, **interval_stats(part["label_age"], part["age_low"], part["age_high"])}
+        for name in ordered_groups(rows, column)
+        if len(part := rows[names == name])
+    ]
+
+
+def interval_summary(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """Coverage and mean width of the age intervals overall and by age group, gender and race; None where
+    no labelled face has an interval."""
+    rows = with_intervals(frame)
+    if rows.empty:
+        return None
+    overall = interval_stats(rows["label_age"], rows["age_low"], rows["age_high"])
+    return {"overall": overall, **{f"by_{name}": interval_by(rows, column) for name, column in GROUPINGS.items()}}
+
+
 def age_group_confusion(frame: pd.DataFrame) -> pd.DataFrame:
     """Counts of faces by actual (rows) and predicted (columns) age group, youngest first."""
     if "label_age_group" not in frame or "age_group" not in frame:
@@ -130,7 +172,7 @@ def metrics_summary(frame: pd.DataFrame) -> dict[str, Any]:
 
     Keys: faces, age (overall errors), by_age_group / by_gender / by_race (rows of
     faces, mae, bias), age_group (accuracy, labels, confusion counts), gender
-    (classification report; `accuracy` among its keys).
+    (classification report; `accuracy` among its keys), interval (`interval_summary`).
     """
     confusion = age_group_confusion(frame)
     total = int(confusion.to_numpy().sum()) if not confusion.empty else 0
@@ -146,6 +188,7 @@ def metrics_summary(frame: pd.DataFrame) -> dict[str, Any]:
             "confusion": confusion.to_numpy().tolist(),
         },
         "gender": gender_report(frame),
+        "interval": interval_summary(frame),
     }
 
 

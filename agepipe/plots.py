@@ -1,4 +1,5 @@
-"""Evaluation plots as PNG bytes, and the Grad-CAM grid over faces re-cropped from their source images.
+"""Evaluation plots as PNG bytes, the Grad-CAM grid over faces re-cropped from their source images, and the
+gallery of scored photos with each face's box, age interval and gender drawn on it.
 
 Plots are drawn on matplotlib `Figure`s directly: no pyplot state, no GUI backend.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
 
 from agepipe import storage
 from agepipe.metrics import with_ages
@@ -185,3 +187,80 @@ def gradcam_tiles(predictor: Any, faces: pd.DataFrame) -> list[GradcamTile]:
             caption += f", actual {label_age:.0f}"
         tiles.append(GradcamTile(crops[0], explain_crop(predictor, crops[0]), caption))
     return tiles
+
+
+# --- the gallery of scored photos ---
+
+
+def face_label(age: float, low: float | None, high: float | None, gender: str | None) -> str:
+    """The age and its interval in whole years, then the gender, as the upload page draws them on a photo:
+    `31 (25-38), female`."""
+    interval = "" if low is None or pd.isna(low) else f" ({low:.0f}-{high:.0f})"
+    return f"{age:.0f}{interval}" + (f", {gender}" if isinstance(gender, str) else "")
+
+
+@dataclass
+class GalleryPhoto:
+    """One scored photo with its faces drawn on it, and its widest interval (NaN without intervals)."""
+
+    path: str
+    jpeg: bytes
+    labels: list[str]
+    widest: float
+
+
+def interval_widths(faces: pd.DataFrame) -> pd.Series:
+    """Each face's interval width in years (NaN where the model had no calibration)."""
+    if "age_low" not in faces:
+        return pd.Series(np.nan, index=faces.index)
+    return faces["age_high"].astype(float) - faces["age_low"].astype(float)
+
+
+def widest_first(faces: pd.DataFrame) -> list[str]:
+    """Photo paths by their faces' widest interval, widest first (photos without intervals last)."""
+    widest = interval_widths(faces).groupby(faces["path"]).max()
+    return list(widest.sort_values(ascending=False, na_position="last", kind="stable").index)
+
+
+def draw_faces(image: np.ndarray, faces: pd.DataFrame, side: int) -> tuple[bytes, list[str]]:
+    """The photo shrunk to at most `side` pixels, each face's box and label drawn; JPEG bytes and the labels."""
+    photo = Image.fromarray(image)
+    scale = min(1.0, side / max(photo.size))
+    photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))))
+    draw = ImageDraw.Draw(photo)
+    line = max(2, round(max(photo.size) / 200))
+    font = ImageFont.load_default(size=max(11, line * 6))
+    labels = []
+    for face in faces.itertuples(index=False):
+        box = [float(v) * scale for v in (face.x1, face.y1, face.x2, face.y2)]
+        label = face_label(face.age, getattr(face, "age_low", None), getattr(face, "age_high", None), face.gender)
+        labels.append(label)
+        draw.rectangle(box, outline=(0, 224, 138), width=line)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        height = bottom - top + 2 * line
+        y = box[1] - height if box[1] >= height else box[3]  # above the box, or below where the top has no room
+        draw.rectangle([box[0], y, box[0] + right - left + 2 * line, y + height], fill=(0, 0, 0))
+        draw.text((box[0] + line, y + line - top), label, fill=(255, 255, 255), font=font)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue(), labels
+
+
+def interval_gallery(faces: pd.DataFrame, photos: int, side: int = 480) -> list[GalleryPhoto]:
+    """Up to `photos` scored photos, the widest intervals first, each re-read from its path with its faces
+    drawn on it; a photo that cannot be read again is left out with a warning."""
+    from agepipe.images import ImageError, decode
+
+    gallery = []
+    for path in widest_first(faces):
+        if len(gallery) == photos:
+            break
+        try:
+            image = decode(storage.read_bytes(path))
+        except (OSError, storage.StorageError, ImageError) as exc:
+            logger.warning("gallery: cannot read %s: %s", path, exc)
+            continue
+        own = faces[faces["path"] == path]
+        jpeg, labels = draw_faces(image, own, side)
+        gallery.append(GalleryPhoto(path, jpeg, labels, float(interval_widths(own).max())))
+    return gallery

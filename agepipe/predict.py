@@ -185,6 +185,13 @@ class Predictor:
         return self._detector
 
     @property
+    def level(self) -> float | None:
+        """The level of the age intervals given: the one asked for, else the calibration's; None without one."""
+        if self.calibration is None:
+            return None
+        return self.calibration.level if self.interval_level is None else self.interval_level
+
+    @property
     def group_names(self) -> tuple[str, ...]:
         return self.config.groups.names
 

@@ -166,6 +166,7 @@ def record_score_settings(settings: ScoreSettings, predictor: Predictor) -> None
         "labels": to_dict(settings.labels),
         "flip_tta": settings.flip_tta,
         "runtime": settings.runtime,  # None: each actor's device default
+        "interval_level": predictor.level,
     }
     storage.write_bytes(storage.join(settings.output, SCORE_SETTINGS_FILE), json.dumps(record, indent=2).encode())
 

@@ -150,8 +150,11 @@ def face_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if row["crop"] is not None]
 
 
-def predict_response(rows: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]]) -> dict:
-    """The `/predict` answer for one image: its faces (possibly none) and its size."""
+def predict_response(
+    rows: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]], interval_level: float | None = None
+) -> dict:
+    """The `/predict` answer for one image: its faces (possibly none), its size, and the level of the faces'
+    age intervals (None for a model without calibration)."""
     faces = face_rows(rows)
     if len(faces) != len(predictions):
         raise ValueError(f"{len(faces)} faces but {len(predictions)} predictions")
@@ -159,6 +162,7 @@ def predict_response(rows: Sequence[dict[str, Any]], predictions: Sequence[dict[
         "faces": [face_json(row, prediction) for row, prediction in zip(faces, predictions, strict=True)],
         "width": rows[0]["width"],
         "height": rows[0]["height"],
+        "interval_level": interval_level,
     }
 
 
@@ -310,7 +314,7 @@ class AgeService:
         rows = await self._faces_of_upload(request)
         crops = [row["crop"] for row in face_rows(rows)]
         predictions = await self.predictions(crops) if crops else []
-        return predict_response(rows, predictions)
+        return predict_response(rows, predictions, self.predictor.level)
 
     @app.post("/explain")
     async def explain(self, request: Request) -> Response:

@@ -26,14 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import held_out_parser, split_crops, write_results  # noqa: E402
 
-from agepipe.calibrate import (  # noqa: E402
-    DEFAULT_LEVEL,
-    conformal_quantile,
-    fit_calibration,
-    fit_curves,
-    interval_stats,
-)
-from agepipe.metrics import GROUPINGS  # noqa: E402
+from agepipe.calibrate import DEFAULT_LEVEL, conformal_quantile, fit_calibration, fit_curves  # noqa: E402
+from agepipe.metrics import GROUPINGS, interval_summary  # noqa: E402
 from agepipe.model import age_estimate, load_checkpoint, model_input, networks  # noqa: E402
 
 Scale = Callable[[pd.DataFrame], np.ndarray]
@@ -92,24 +86,13 @@ def calibrated_interval(val: pd.DataFrame, test: pd.DataFrame, adaptive: bool, l
     return test.assign(age_low=low, age_high=high)
 
 
-def summary_row(name: str, frame: pd.DataFrame) -> dict:
-    """Coverage and width overall, and the worst and best group of each grouping."""
-    row = {"interval": name, **interval_stats(frame["label_age"], frame["age_low"], frame["age_high"])}
-    for grouping, column in GROUPINGS.items():
-        by_group = {
-            group: interval_stats(part["label_age"], part["age_low"], part["age_high"])["coverage"]
-            for group, part in frame.groupby(column)
-        }
-        worst = min(by_group, key=by_group.get)
-        row[f"lowest {grouping.replace('_', ' ')}"] = f"{by_group[worst]:.3f} ({worst})"
+def summary_row(name: str, summary: dict) -> dict:
+    """Coverage and width overall, and the lowest coverage of each grouping, that group named."""
+    row = {"interval": name, **summary["overall"]}
+    for grouping in GROUPINGS:
+        worst = min(summary[f"by_{grouping}"], key=lambda group: group["coverage"])
+        row[f"lowest {grouping.replace('_', ' ')}"] = f"{worst['coverage']:.3f} ({worst['group']})"
     return row
-
-
-def age_group_rows(name: str, frame: pd.DataFrame) -> list[dict]:
-    return [
-        {"interval": name, "age group": group, **interval_stats(part["label_age"], part["age_low"], part["age_high"])}
-        for group, part in frame.groupby("label_age_group", sort=False)
-    ]
 
 
 def main() -> None:
@@ -131,14 +114,13 @@ def main() -> None:
     if test["spread"].gt(0).any():
         kinds["scaled by members' disagreement"] = scaled_interval(val, test, ["spread"], args.level)
         kinds["scaled by predicted age x disagreement"] = scaled_interval(val, test, ["age", "spread"], args.level)
+    band = 3 + test["age"] / 4
+    kinds["fixed band ±(3 + age/4)"] = test.assign(age_low=test["age"] - band, age_high=test["age"] + band)
     rows, group_rows = [], []
     for name, measured in kinds.items():
-        rows.append(summary_row(name, measured))
-        group_rows += age_group_rows(name, measured)
-    band = 3 + test["age"] / 4
-    fixed = test.assign(age_low=test["age"] - band, age_high=test["age"] + band)
-    rows.append(summary_row("fixed band ±(3 + age/4)", fixed))
-    group_rows += age_group_rows("fixed band ±(3 + age/4)", fixed)
+        summary = interval_summary(measured)
+        rows.append(summary_row(name, summary))
+        group_rows += [{"interval": name, "age group": row.pop("group"), **row} for row in summary["by_age_group"]]
     notes = [
         f"`benchmarks/intervals.py --faces {args.faces} --model {args.model}`: fitted on {len(val)} val faces "
         f"at level {args.level}, measured on {len(test)} test faces (aligned, as the crop dataset holds them)",

@@ -17,9 +17,8 @@ from agepipe.calibrate import (
     conformal_quantile,
     fit_calibration,
     held_out_faces,
-    interval_stats,
-    interval_stats_by,
 )
+from agepipe.metrics import interval_stats, interval_summary
 from agepipe.model import export_for_sharing, load_checkpoint, read_checkpoint, save_checkpoint
 from agepipe.predict import Predictor, prediction_columns, prediction_json
 
@@ -100,18 +99,26 @@ def test_a_calibration_survives_its_plain_dict_and_refuses_too_few_faces() -> No
         fit_calibration(*heteroscedastic_faces(19, seed=6))
 
 
-def test_interval_stats_by_group() -> None:
+def test_interval_summary_by_group() -> None:
     frame = pd.DataFrame(
         {
-            "label_age": [10, 20, 30, 40],
-            "age_low": [5, 25, 20, 35],
-            "age_high": [15, 30, 40, 50],
-            "label_gender": ["female", "female", "male", None],
+            "age": [10.0, 28.0, 30.0, 45.0, 20.0],
+            "label_age": [10, 20, 30, 40, 50],
+            "age_low": [5, 25, 20, 35, None],  # the last face's model had no calibration
+            "age_high": [15, 30, 40, 50, None],
+            "label_gender": ["female", "female", "male", None, "male"],
+            "label_age_group": ["Child", "Youth", "Adult", "Adult", "Adult"],
+            "label_race": ["White"] * 5,
         }
     )
-    rows = {row["group"]: row for row in interval_stats_by(frame, "label_gender")}
-    assert rows["female"] == {"group": "female", "faces": 2, "coverage": 0.5, "mean_width": 7.5}
-    assert rows["male"]["coverage"] == 1.0 and set(rows) == {"female", "male"}
+    summary = interval_summary(frame)
+    assert summary["overall"] == {"faces": 4, "coverage": 0.75, "mean_width": 12.5}
+    assert summary["by_gender"] == [
+        {"group": "female", "faces": 2, "coverage": 0.5, "mean_width": 7.5},
+        {"group": "male", "faces": 1, "coverage": 1.0, "mean_width": 20.0},
+    ]
+    assert [row["group"] for row in summary["by_age_group"]] == ["Child", "Youth", "Adult"]
+    assert interval_summary(frame.assign(age_low=None, age_high=None)) is None
 
 
 # --- a real checkpoint on a real crop dataset ---

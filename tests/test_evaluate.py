@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from agepipe.score import record_score_settings
 
 FACES = 200
 GRADCAM_FACES = 4
+GALLERY_PHOTOS = 6
+LABEL = re.compile(r"^\d+ \((\d+)-(\d+)\), (male|female)$")
 PREDICTION_COLUMNS = (
     "face_index",
     "x1",
@@ -30,6 +33,8 @@ PREDICTION_COLUMNS = (
     "score",
     "num_faces",
     "age",
+    "age_low",
+    "age_high",
     "age_std",
     "age_group",
     "gender",
@@ -208,6 +213,31 @@ def test_plots_are_pngs() -> None:
         assert is_png(png)
 
 
+def test_gallery_draws_each_face_with_its_interval_and_orders_photos_widest_first() -> None:
+    assert plots.face_label(31.2, 24.6, 38.4, "female") == "31 (25-38), female"
+    assert plots.face_label(31.2, None, None, "male") == "31, male"  # a model without calibration
+    faces = pd.DataFrame(
+        {
+            "path": ["a.jpg", "b.jpg", "b.jpg", "c.jpg"],
+            "age": [30.0, 8.0, 70.0, 40.0],
+            "age_low": [25.0, 6.0, 55.0, 30.0],
+            "age_high": [36.0, 11.0, 90.0, 52.0],
+        }
+    )
+    assert plots.widest_first(faces) == ["b.jpg", "c.jpg", "a.jpg"]
+    image = np.full((400, 600, 3), 128, np.uint8)
+    face = pd.DataFrame({"x1": [300.0], "y1": [100.0], "x2": [500.0], "y2": [300.0], "age": [31.0]})
+    face = face.assign(age_low=25.0, age_high=38.0, gender="female")
+    jpeg, labels = plots.draw_faces(image, face, side=300)
+    drawn = np.asarray(Image.open(io.BytesIO(jpeg)))
+    assert drawn.shape == (200, 300, 3) and labels == ["31 (25-38), female"]
+    # The box's left edge, at half scale, is drawn in the box colour; the photo elsewhere is untouched.
+    assert drawn[100, 150, 1] > 180 and drawn[100, 150, 0] < 80
+    assert abs(int(drawn[190, 20, 0]) - 128) < 8
+    # The label's dark band sits just above the box.
+    assert drawn[45, 160].max() < 60
+
+
 # --- the report from real predictions ---
 
 
@@ -282,6 +312,7 @@ def evaluated(scored) -> dict:
         model=scored["model"],
         crop_overrides={"detector": "none"},
         gradcam_faces=GRADCAM_FACES,
+        gallery_photos=GALLERY_PHOTOS,
     )
     return evaluate.run_evaluate(settings)
 
@@ -327,8 +358,20 @@ def test_report_files_and_metrics_from_real_predictions(scored, evaluated) -> No
         "best_val_group_accuracy": 0.6,
         "best_val_gender_accuracy": 0.85,
     }
+    intervals = metrics["interval"]
+    assert intervals["overall"]["faces"] == FACES and 0.8 <= intervals["overall"]["coverage"] <= 1
+    assert sum(row["faces"] for row in intervals["by_gender"]) == FACES
+    assert [row["group"] for row in intervals["by_age_group"]] == groups
+    faces = [row for row in scored["rows"] if row["error"] is None]
+    widths = sorted((row["age_high"] - row["age_low"] for row in faces), reverse=True)
+    assert len(written["gallery"]) == GALLERY_PHOTOS
+    for photo, width in zip(written["gallery"], widths, strict=False):  # one face a photo: widest first
+        [label] = photo["faces"]
+        low, high = map(int, LABEL.match(label).groups()[:2])
+        assert abs((high - low) - width) <= 1
     report = (output / "report.html").read_text()
     assert report.count('src="data:image/png;base64,') == len(expected_plots)
+    assert report.count('src="data:image/jpeg;base64,') == GALLERY_PHOTOS
     assert 'id="mae-overall"' in report and 'src="http' not in report
 
 
@@ -417,9 +460,20 @@ def test_label_tables_are_anchored_at_the_score_runs_input(scored, tmp_path) -> 
 def test_report_renders_in_headless_chromium(evaluated, browser_page) -> None:
     browser_page.goto(Path(evaluated["report"]).as_uri())
     images = browser_page.evaluate(
-        "() => [...document.querySelectorAll('img')].map(i => [i.alt, i.complete, i.naturalWidth])"
+        "() => [...document.querySelectorAll('img.plot')].map(i => [i.alt, i.complete, i.naturalWidth])"
     )
     mae_table = browser_page.inner_text("#mae-overall")
     assert sorted(alt for alt, _, _ in images) == sorted(name.removesuffix(".png") for name in evaluated["plots"])
     assert all(complete and width > 0 for _, complete, width in images), images
     assert f"{evaluated['metrics']['age']['mae']:.2f}" in mae_table
+    coverage = evaluated["metrics"]["interval"]["overall"]["coverage"]
+    assert f"{coverage:.2f}" in browser_page.inner_text("#interval-overall")
+    assert "actual age lies inside their interval" in browser_page.inner_text("#intervals")
+    photos = browser_page.evaluate(
+        "() => [...document.querySelectorAll('#gallery figure')].map(f => [Number(f.dataset.widest), "
+        "f.querySelector('img').naturalWidth, f.querySelector('figcaption').innerText])"
+    )
+    assert len(photos) == GALLERY_PHOTOS and all(width > 0 for _, width, _ in photos)
+    widest = [value for value, _, _ in photos]
+    assert widest == sorted(widest, reverse=True) and widest[-1] > 0
+    assert all(LABEL.match(caption.split(": ", 1)[1]) for _, _, caption in photos)

@@ -5,6 +5,7 @@ local Ray answering over HTTP (faces with `--detector none`, scenes with YuNet),
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import zlib
@@ -128,7 +129,7 @@ def test_replica_takes_a_gpu_fraction_only_where_the_cluster_has_gpus():
 
 def test_predict_response_shapes_faces_and_an_image_without_face():
     no_face = [{"face_index": None, "crop": None, "width": 640, "height": 480, "error": "no_face"}]
-    assert predict_response(no_face, []) == {"faces": [], "width": 640, "height": 480}
+    assert predict_response(no_face, [], 0.9) == {"faces": [], "width": 640, "height": 480, "interval_level": 0.9}
     with pytest.raises(RequestError) as caught:
         largest_face(no_face)
     assert caught.value.status == 422
@@ -140,15 +141,20 @@ def test_predict_response_shapes_faces_and_an_image_without_face():
     ]
     prediction = {
         "age": 31.234,
+        "age_low": 25.449,
+        "age_high": 38.0,
         "age_std": 4.567,
         "age_group": "Adult",
         "age_group_probs": {"Adult": 0.8, "Youth": 0.2},
         "gender": "female",
         "gender_prob": 0.9,
     }
-    response = predict_response(rows, [prediction, prediction])
-    assert response["faces"][1]["box"] == [100.0, 0.0, 150.0, 50.0]
-    assert (response["faces"][0]["age"], response["faces"][0]["age_std"]) == (31.23, 4.57)
+    response = predict_response(rows, [prediction, prediction], 0.8)
+    assert response["faces"][1]["box"] == [100.0, 0.0, 150.0, 50.0] and response["interval_level"] == 0.8
+    face = response["faces"][0]
+    assert (face["age"], face["age_low"], face["age_high"], face["age_std"]) == (31.23, 25.45, 38.0, 4.57)
+    uncalibrated = predict_response(rows, [prediction | {"age_low": None, "age_high": None}] * 2)
+    assert uncalibrated["faces"][0]["age_low"] is None and uncalibrated["interval_level"] is None
     assert largest_face(rows)["face_index"] == 1
 
 
@@ -226,7 +232,8 @@ def test_predict_raw_body_answers_the_contract(server, face_paths):
     assert (body["width"], body["height"]) == (200, 200)
     [face] = body["faces"]
     assert face["box"] == [0.0, 0.0, 200.0, 200.0]
-    assert 0 <= face["age"] <= 120 and (face["age_std"] is None or face["age_std"] >= 0)
+    assert 0 <= face["age_low"] <= face["age"] <= face["age_high"] <= 100 and body["interval_level"] == 0.9
+    assert face["age_std"] is None or face["age_std"] >= 0
     assert face["age_group"] in DEFAULT_AGE_GROUPS
     assert face["gender"] in ("male", "female") and 0.5 <= face["gender_prob"] <= 1
     assert sum(face["age_group_probs"].values()) == pytest.approx(1, abs=1e-3)
@@ -363,11 +370,19 @@ def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths, bro
     assert '"faces"' in page.inner_text("#json")
     page.click("#explain")
     page.wait_for_function("document.getElementById('explain-image').naturalWidth > 0", timeout=TIMEOUT_S * 1000)
-    shown_age = re.match(r"([\d.]+)(?: ± ([\d.]+))? years", shown)
+    shown_age = re.match(r"([\d.]+) years, ([\d.]+)-([\d.]+) with 90% confidence", shown)
     assert shown_age, shown
-    assert float(shown_age[1]) == pytest.approx(expected["age"], abs=0.051)
-    if expected["age_std"] is None:  # a regression age head has no uncertainty to show
-        assert shown_age[2] is None
-    else:
-        assert float(shown_age[2]) == pytest.approx(expected["age_std"], abs=0.051)
+    for text, name in zip(shown_age.groups(), ("age", "age_low", "age_high"), strict=True):
+        assert float(text) == pytest.approx(expected[name], abs=0.051)
     assert expected["age_group"] in shown and expected["gender"] in shown
+    # The photo carries each face's box and "31 (25-38), female", as the report's gallery draws them.
+    [drawn] = json.loads(page.get_attribute("#canvas", "data-labels"))
+    age, low, high, gender = re.match(r"^(\d+) \((\d+)-(\d+)\), (male|female)$", drawn).groups()
+    for text, name in zip((age, low, high), ("age", "age_low", "age_high"), strict=True):
+        assert abs(int(text) - expected[name]) <= 0.51
+    assert gender == expected["gender"]
+    x1, y1, x2, y2 = expected["box"]
+    edge = page.evaluate(
+        f"() => [...document.getElementById('canvas').getContext('2d').getImageData({x1}, {(y1 + y2) / 2}, 1, 1).data]"
+    )
+    assert edge[:3] == [0, 224, 138]  # the box's stroke colour on its left edge
