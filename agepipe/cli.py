@@ -11,9 +11,9 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agepipe import config
-from agepipe.cluster import ClusterUnreachable
-from agepipe.storage import StorageError
+from agepipe import config, storage
+from agepipe.cluster import ClusterUnreachable, quiet_ray_data_failures
+from agepipe.storage import StorageError, StorageUnavailable
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
@@ -114,8 +114,13 @@ def add_setting_flags(
 
 def settings_from_args(cls: type[config.T], args: argparse.Namespace) -> config.T:
     """Defaults, then `--config` YAML, then the flags given: the same order for every command."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
     return config.apply_overrides(config.load(cls, getattr(args, "config", None)), given, skip_none=False)
+
+
+def job_line(summary: Any, title: str) -> str:
+    """A crop or scoring job's summary and the storage retries it needed."""
+    return f"{summary.render(title)}; {storage.retries_needed()} storage retries"
 
 
 def evaluate_line(result: dict[str, Any]) -> str:
@@ -127,8 +132,8 @@ def evaluate_line(result: dict[str, Any]) -> str:
 # A pipeline command: its settings (and so its flags), the library function that runs it ("module:name",
 # imported only when the command runs), and the line printed from what that function returns.
 SETTINGS_COMMANDS: dict[str, tuple[type, str, Callable[[Any], str] | None]] = {
-    "crop": (config.CropJobSettings, "agepipe.crop:run_crop", lambda summary: summary.render("crop")),
-    "score": (config.ScoreSettings, "agepipe.score:run_score", lambda summary: summary.render("score")),
+    "crop": (config.CropJobSettings, "agepipe.crop:run_crop", lambda summary: job_line(summary, "crop")),
+    "score": (config.ScoreSettings, "agepipe.score:run_score", lambda summary: job_line(summary, "score")),
     "train": (config.TrainSettings, "agepipe.train:run_training", lambda result: f"train: {result}"),
     "evaluate": (config.EvaluateSettings, "agepipe.evaluate:run_evaluate", evaluate_line),
     "tune": (config.TuneSettings, "agepipe.tune:run_tune", lambda result: f"tune: {result}"),
@@ -226,8 +231,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, argument_default=argparse.SUPPRESS)
         if only in (None, name):
             sub.add_argument("--config", help="YAML file of settings (the flags given override it)")
+            sub.add_argument("--debug", action="store_true", help="on a failure, the full traceback, not one line")
             add_arguments(sub)
     return parser
+
+
+def remote_uris(args: argparse.Namespace) -> list[str]:
+    """The storage URIs a command was given (its inputs, outputs and model), for naming in a failure."""
+    return [str(v) for v in vars(args).values() if isinstance(v, str) and storage.is_remote(v)]
+
+
+def failure_line(command: str, exc: Exception, uris: Sequence[str]) -> tuple[int, str | None]:
+    """Exit status and the one line that reports a failure a user can act on; no line for a bug.
+
+    An outage (or a wrong endpoint) is status 3: the same command run again resumes. Bad arguments,
+    missing or denied locations are status 2."""
+    outage = storage.outage_in(exc)
+    if outage is not None:
+        if isinstance(outage, StorageUnavailable):
+            what = str(outage)
+        else:
+            where = ", ".join(uris) or "its storage"
+            what = f"{storage.store_of(uris[0] if uris else '')} did not answer for {where}: {storage.reason(outage)}"
+        return 3, (
+            f"agepipe {command}: storage unavailable: {what}. Nothing written is lost: "
+            f"run the same command again to resume once the store answers"
+        )
+    if isinstance(exc, ValueError | StorageError | FileNotFoundError | PermissionError | ClusterUnreachable):
+        return 2, f"agepipe {command}: error: {exc}"
+    return 1, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,11 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
+    debug = getattr(args, "debug", False)
+    if args.command in ("crop", "score") and not debug:
+        quiet_ray_data_failures()
     try:
         return run(args)
-    except (ValueError, StorageError, FileNotFoundError, ClusterUnreachable) as exc:
-        print(f"agepipe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if debug:
+            raise
+        status, line = failure_line(args.command, exc, remote_uris(args))
+        if not line:
+            raise
+        print(line, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -64,3 +65,18 @@ def init_ray(**kwargs: Any) -> None:
             )
         raise ClusterUnreachable(f"no Ray cluster answers at {address} (from {source}): {fix}")
     ray.init(ignore_reinit_error=True, **kwargs)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def quiet_ray_data_failures() -> None:
+    """Keep Ray Data's own report of a failed job (error lines and tracebacks) off the console: the
+    command reports a failure in one line, and Ray Data's log file in the session folder keeps them."""
+    import ray.data  # noqa: F401 (its import sets up the "ray.data" logger's handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_BelowError())
