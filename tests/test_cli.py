@@ -19,6 +19,7 @@ SETTINGS = {
     "evaluate": config.EvaluateSettings,
     "tune": config.TuneSettings,
     "serve": config.ServeSettings,
+    "calibrate": config.CalibrateSettings,
 }
 REQUIRED = {
     "crop": ["--input", "i", "--output", "o"],
@@ -27,6 +28,7 @@ REQUIRED = {
     "evaluate": ["--predictions", "p", "--output", "o"],
     "tune": ["--data", "d", "--output", "o"],
     "serve": [],
+    "calibrate": ["--model", "m", "--data", "d"],
 }
 
 

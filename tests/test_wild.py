@@ -29,7 +29,8 @@ def test_face_free_photos_give_no_faces_at_the_default_thresholds(detector, yune
 
 def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, yunet_weights, tmp_path) -> None:
     split = DEFAULT_MODEL.with_name("default_split.parquet")
-    rows = {row["system"]: row for row in evaluate_wild(tmp_path, 12, 3, "fast", split, with_peer=False)}
+    results, intervals = evaluate_wild(tmp_path, 12, 3, "fast", split, with_peer=False)
+    rows = {row["system"]: row for row in results}
     photos, aligned = rows["agepipe, photos"], rows["agepipe, same faces aligned"]
     assert photos["faces"] == aligned["faces"] >= 12
     whole, cut = rows["agepipe, photos: faces whole in the photo"], rows["agepipe, photos: faces cut by the border"]
@@ -37,6 +38,11 @@ def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, y
     assert photos["recall"] >= 0.9 and photos["false faces / photo"] <= 0.2
     for row in (photos, aligned):
         assert 0 < row["MAE"] < 15 and 0.3 < row["age-group acc"] <= 1 and 0.5 < row["gender acc"] <= 1
+        assert 0.5 <= row["interval coverage"] <= 1 and 3 < row["interval width"] < 40
+    # The faces found in the photos, their intervals by group (the model card's in-the-wild coverage table).
+    found = intervals["photos"]["overall"]["faces"]
+    assert found == round(photos["recall"] * photos["faces"]) and intervals["aligned"]["overall"]["faces"] >= 12
+    assert sum(row["faces"] for row in intervals["photos"]["by_gender"]) == found
     # Only held-out faces: every placed face comes from the model's test split.
     names = {Path(p).name for p in (tmp_path / "aligned").iterdir()}
     split_names = pd.read_parquet(split)
