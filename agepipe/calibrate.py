@@ -4,10 +4,12 @@ A face's interval is `age + shift(age) ± q * scale(age)`, widened where needed 
 `shift` is the mean error of held-out faces predicted at about that age (the model pulls the old younger
 and the young older, so a senior's interval reaches further up than down) and `scale` their mean absolute
 error about it (a child's interval is narrow, a senior's wide); `q` is the conformal quantile of held-out
-faces' errors about the shifted age divided by the scale. The held-out faces are split in two: the curves
-are fitted on one half and the quantile taken on the other, so split conformal's guarantee holds (at least
-`level` of faces from the same distribution fall inside). Why the predicted age and not the ensemble
-members' disagreement: the model card's interval section and benchmarks/results/intervals-default.md.
+faces' errors about the shifted age divided by the scale. Each face's score comes from curves fitted on the
+other faces (cross-fitted in FOLDS folds, so that every held-out face gives a score without scoring its own
+curves), and the recorded curves are fitted on all of them. Cross-fitting holds the level less strictly in
+theory than a split into halves, but varied less between seeds on the bundled models' val -> test faces
+(benchmarks/results/intervals-default.md). Why the predicted age and not the ensemble members'
+disagreement: the model card's interval section and that benchmark.
 
 The pure functions here need no Ray and no model; `calibrate_checkpoint` scores a crop dataset's labelled
 faces with the Predictor and records the calibration in a checkpoint, where `score` and `serve` find it.
@@ -32,9 +34,10 @@ from agepipe.train_data import plan_dataset, read_labels, usable_rows
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 0.9
-CURVE_BINS = 10  # predicted-age bins of the curves: about 100 faces each in half of a 2,000-face val split
+CURVE_BINS = 10  # predicted-age bins of the curves: about 200 faces each in a 2,000-face val split
 MIN_SCALE = 0.5  # years: a bin of near-perfect predictions must not make every interval there a point
-MIN_FACES = 20  # held-out faces at least: 10 each for the curves and the quantile
+FOLDS = 5
+MIN_FACES = 20  # held-out faces at least: enough for a curve per fold and a quantile
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,8 @@ class Calibration:
     knot_ages: tuple[float, ...]  # predicted ages of the curves' knots, increasing; the curves are flat beyond
     shifts: tuple[float, ...]  # the interval's centre minus the predicted age, at each knot (years)
     scales: tuple[float, ...]  # the interval's half-width per unit of quantile, at each knot (years)
-    scores: tuple[float, ...]  # the quantile half's |actual - centre| / scale, sorted
-    faces: int  # held-out faces it was fitted on (both halves)
+    scores: tuple[float, ...]  # each held-out face's |actual - centre| / scale by its fold's curves, sorted
+    faces: int  # held-out faces it was fitted on
     source: str  # where they came from, for the record
 
     def quantile(self, level: float | None = None) -> float:
@@ -120,8 +123,8 @@ def fit_calibration(
     source: str = "",
     seed: int = 0,
 ) -> Calibration:
-    """A calibration from held-out faces' predicted and actual ages. The faces are split in two at random
-    (seeded): the curves are fitted on one half, the conformal scores taken on the other. `adaptive=False`
+    """A calibration from held-out faces' predicted and actual ages: the curves fitted on all of them, each
+    face's score by curves fitted on the other folds (FOLDS of them, drawn with `seed`). `adaptive=False`
     gives the plain interval: the age ± one width for every face."""
     predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
     if len(predicted) != len(actual):
@@ -130,14 +133,19 @@ def fit_calibration(
         raise ValueError(f"calibration needs at least {MIN_FACES} held-out faces with an age, got {len(predicted)}")
     check_level(level)
     errors = actual - predicted
+
+    def curves(faces: np.ndarray) -> tuple[np.ndarray, ...]:
+        if not adaptive:
+            return np.zeros(1), np.zeros(1), np.ones(1)
+        return fit_curves(predicted[faces], errors[faces])
+
     order = np.random.default_rng(seed).permutation(len(predicted))
-    curve_half, score_half = order[: len(order) // 2], order[len(order) // 2 :]
-    if adaptive:
-        knots, shifts, scales = fit_curves(predicted[curve_half], errors[curve_half])
-    else:
-        knots, shifts, scales = np.zeros(1), np.zeros(1), np.ones(1)
-    at = predicted[score_half]
-    scores = np.abs(errors[score_half] - np.interp(at, knots, shifts)) / np.interp(at, knots, scales)
+    scores = np.empty(len(predicted))
+    for fold in np.array_split(order, FOLDS):
+        knots, shifts, scales = curves(np.setdiff1d(order, fold))
+        at = predicted[fold]
+        scores[fold] = np.abs(errors[fold] - np.interp(at, knots, shifts)) / np.interp(at, knots, scales)
+    knots, shifts, scales = curves(order)
     return Calibration(
         level=level,
         knot_ages=tuple(float(v) for v in knots),

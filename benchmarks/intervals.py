@@ -1,19 +1,21 @@
 """Age intervals: which adaptive split-conformal interval to ship, measured on the held-out faces.
 
     .venv/bin/python benchmarks/intervals.py --faces out/faces-valtest [--model agepipe/weights/default.pt]
+        [--cache out/ages] [--seeds 3]
 
 Each network of the model scores the val and test faces as the crop dataset holds them (aligned, flip TTA
 off); the model's age is their mean (an ensemble's regression age). Each kind of interval is fitted on the
-val faces as `calibrate.fit_calibration` fits one (scale on one half, conformal quantile on the other) and
-measured on the test faces: coverage and mean width overall, and the lowest coverage over the age groups,
-genders and races. Kinds: plain (the age ± one width), shifted and scaled by the predicted age (what ships:
-`calibrate.fit_calibration`), scaled by the predicted age about the age itself, scaled by the ensemble
-members' disagreement (their ages' standard deviation), by both, and the fixed band ±(3 + age/4) from issue
-37 for reference.
+val faces as `calibrate.fit_calibration` fits one (each face's score by curves cross-fitted on the other
+folds) and measured on the test faces, for each of `--seeds` fold draws: coverage and mean width overall,
+and the lowest coverage over the age groups, genders and races. Kinds: plain (the age ± one width), shifted
+and scaled by the predicted age (what ships: `calibrate.fit_calibration`), scaled by the predicted age about
+the age itself, scaled by the ensemble members' disagreement (their ages' standard deviation), by both, and
+the fixed band ±(3 + age/4) from issue 37 for reference.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import held_out_parser, split_crops, write_results  # noqa: E402
 
-from agepipe.calibrate import DEFAULT_LEVEL, conformal_quantile, fit_calibration, fit_curves  # noqa: E402
+from agepipe.calibrate import DEFAULT_LEVEL, FOLDS, conformal_quantile, fit_calibration, fit_curves  # noqa: E402
 from agepipe.metrics import GROUPINGS, interval_summary  # noqa: E402
 from agepipe.model import age_estimate, load_checkpoint, model_input, networks  # noqa: E402
 
@@ -68,22 +70,41 @@ def fit_scale(fit: pd.DataFrame, by: list[str]) -> Scale:
     return scale
 
 
-def scaled_interval(val: pd.DataFrame, test: pd.DataFrame, by: list[str], level: float) -> pd.DataFrame:
-    """`test` with the age ± an interval scaled by `by`, fitted on `val` (curves on one half, seeded as
-    calibrate's, quantile on the other)."""
-    order = np.random.default_rng(0).permutation(len(val))
-    fit, score = val.iloc[order[: len(val) // 2]], val.iloc[order[len(val) // 2 :]]
-    scale = fit_scale(fit, by)
-    q = conformal_quantile(((score["label_age"] - score["age"]).abs() / scale(score)).to_numpy(), level)
-    half = q * scale(test)
+def scaled_interval(val: pd.DataFrame, test: pd.DataFrame, by: list[str], level: float, seed: int) -> pd.DataFrame:
+    """`test` with the age ± an interval scaled by `by`, fitted on `val` as calibrate fits its curves (each
+    face's score by the other folds' scale, the scale itself fitted on every face)."""
+    order = np.random.default_rng(seed).permutation(len(val))
+    scores = np.empty(len(val))
+    for fold in np.array_split(order, FOLDS):
+        scale = fit_scale(val.iloc[np.setdiff1d(order, fold)], by)
+        part = val.iloc[fold]
+        scores[fold] = (part["label_age"] - part["age"]).abs() / scale(part)
+    half = conformal_quantile(scores, level) * fit_scale(val, by)(test)
     return test.assign(age_low=(test["age"] - half).clip(lower=0), age_high=(test["age"] + half).clip(upper=100))
 
 
-def calibrated_interval(val: pd.DataFrame, test: pd.DataFrame, adaptive: bool, level: float) -> pd.DataFrame:
+def calibrated_interval(val: pd.DataFrame, test: pd.DataFrame, adaptive: bool, level: float, seed: int) -> pd.DataFrame:
     """`test` with the interval that `calibrate.fit_calibration` fits on `val`."""
-    calibration = fit_calibration(val["age"], val["label_age"], level, adaptive=adaptive)
+    calibration = fit_calibration(val["age"], val["label_age"], level, adaptive=adaptive, seed=seed)
     low, high = calibration.bounds(test["age"].to_numpy(), 100)
     return test.assign(age_low=low, age_high=high)
+
+
+def scored_splits(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
+    """The val and test faces with each network's age (`m0`, `m1`, ...), read from `--cache` where written
+    before, else scored (and written there)."""
+    frames = {}
+    for split in ("val", "test"):
+        cached = Path(f"{args.cache}-{split}.parquet") if args.cache else None
+        if cached and cached.exists():
+            frames[split] = pd.read_parquet(cached)
+            continue
+        frame, crops = split_crops(args.faces, args.split, split)
+        ages = member_ages(args.model, crops)
+        frames[split] = frame.assign(**{f"m{i}": ages[:, i] for i in range(ages.shape[1])})
+        if cached:
+            frames[split].to_parquet(cached)
+    return frames
 
 
 def summary_row(name: str, summary: dict) -> dict:
@@ -98,32 +119,40 @@ def summary_row(name: str, summary: dict) -> dict:
 def main() -> None:
     parser = held_out_parser(__doc__.split("\n")[0], "intervals")
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL)
+    parser.add_argument("--cache", help="path prefix of the scored faces' Parquet files (-val, -test), reused")
+    parser.add_argument("--seeds", type=int, default=3, help="fold draws of each fitted kind")
     args = parser.parse_args()
-    frames = {}
-    for split in ("val", "test"):
-        frame, crops = split_crops(args.faces, args.split, split)
-        ages = member_ages(args.model, crops)
-        frames[split] = frame.assign(age=ages.mean(1), spread=ages.std(1))
-        print(f"{split}: {len(frame)} faces, {ages.shape[1]} network(s)", flush=True)
+    frames = scored_splits(args)
+    for split, frame in frames.items():
+        networks_ages = frame.filter(regex=r"^m\d+$").to_numpy()
+        frames[split] = frame.assign(age=networks_ages.mean(1), spread=networks_ages.std(1))
     val, test = frames["val"], frames["test"]
-    kinds = {
-        "plain": calibrated_interval(val, test, False, args.level),
-        "shifted and scaled by predicted age (shipped)": calibrated_interval(val, test, True, args.level),
-        "scaled by predicted age": scaled_interval(val, test, ["age"], args.level),
+    kinds: dict[str, Callable[[int], pd.DataFrame]] = {
+        "plain": lambda seed: calibrated_interval(val, test, False, args.level, seed),
+        "shifted and scaled by predicted age (shipped)": lambda seed: calibrated_interval(
+            val, test, True, args.level, seed
+        ),
+        "scaled by predicted age": lambda seed: scaled_interval(val, test, ["age"], args.level, seed),
     }
     if test["spread"].gt(0).any():
-        kinds["scaled by members' disagreement"] = scaled_interval(val, test, ["spread"], args.level)
-        kinds["scaled by predicted age x disagreement"] = scaled_interval(val, test, ["age", "spread"], args.level)
+        kinds["scaled by members' disagreement"] = lambda seed: scaled_interval(val, test, ["spread"], args.level, seed)
+        kinds["scaled by predicted age x disagreement"] = lambda seed: scaled_interval(
+            val, test, ["age", "spread"], args.level, seed
+        )
     band = 3 + test["age"] / 4
-    kinds["fixed band ±(3 + age/4)"] = test.assign(age_low=test["age"] - band, age_high=test["age"] + band)
+    fixed = test.assign(age_low=test["age"] - band, age_high=test["age"] + band)
+    kinds["fixed band ±(3 + age/4)"] = lambda seed: fixed
     rows, group_rows = [], []
-    for name, measured in kinds.items():
-        summary = interval_summary(measured)
-        rows.append(summary_row(name, summary))
-        group_rows += [{"interval": name, "age group": row.pop("group"), **row} for row in summary["by_age_group"]]
+    for name, measure in kinds.items():
+        for seed in range(1 if name.startswith("fixed") else args.seeds):
+            summary = interval_summary(measure(seed))
+            rows.append({**summary_row(name, summary), "seed": seed})
+            if seed == 0:
+                group_rows += [{"interval": name, "age group": r.pop("group"), **r} for r in summary["by_age_group"]]
     notes = [
         f"`benchmarks/intervals.py --faces {args.faces} --model {args.model}`: fitted on {len(val)} val faces "
-        f"at level {args.level}, measured on {len(test)} test faces (aligned, as the crop dataset holds them)",
+        f"at level {args.level}, measured on {len(test)} test faces (aligned, as the crop dataset holds them); "
+        f"seed: the draw of the {FOLDS} folds",
         "lowest: the lowest coverage over that grouping's values (age group, gender, race), the group named",
     ]
     write_results(args.results, rows, notes)
