@@ -168,6 +168,14 @@ def detection_pool(
     return plan_detection_pool(worker_count(requested), DETECTORS[detector].uses_gpu, gpus, gpu_fraction)
 
 
+def limit_threads(threads: int) -> None:
+    """Hold an actor's OpenCV (resizing, warping, YuNet) to its share of the CPUs: by default each process
+    starts a thread per core, so actors on one node would contend for every core."""
+    import cv2
+
+    cv2.setNumThreads(threads)
+
+
 def read_payloads(paths: list[str], threads: int = 8) -> list[bytes | None]:
     """File contents for each URI, None where the file cannot be read (remote reads overlap)."""
 

@@ -24,6 +24,7 @@ from agepipe import storage
 from agepipe.batch import (
     JobSummary,
     detection_pool,
+    limit_threads,
     part_name,
     path_dataset,
     plan_inputs,
@@ -65,6 +66,7 @@ class CropWorker:
     the batch's row count out."""
 
     def __init__(self, crop_settings: CropSettings, label_settings: LabelSettings, input_root: str, output: str):
+        limit_threads(1)
         self.crop_settings = crop_settings
         self.label_settings = label_settings
         self.output = output

@@ -121,7 +121,7 @@ class SourceImage:
                 # warns, where PIL raises (the `truncated` reason). OpenCV applies the EXIF orientation too.
                 bgr = cv2.imdecode(np.frombuffer(self.data, np.uint8), _OPENCV_FLAGS[reduction])
                 if bgr is not None:
-                    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: one frame, not two
             image = pil_open()(io.BytesIO(self.data))
             if reduction > 1:
                 image.draft("RGB", (-(-image.size[0] // reduction), -(-image.size[1] // reduction)))

@@ -21,6 +21,7 @@ from agepipe import storage
 from agepipe.batch import (
     JobSummary,
     detection_pool,
+    limit_threads,
     path_dataset,
     plan_inputs,
     read_and_crop,
@@ -94,6 +95,7 @@ class ScoreWorker(_LabelledOutput):
 
         super().__init__(settings.labels, settings.input)
         torch.set_num_threads(threads)
+        limit_threads(threads)
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -109,6 +111,7 @@ class CropStageWorker:
     never runs."""
 
     def __init__(self, predictor: Predictor) -> None:
+        limit_threads(1)
         self.predictor = predictor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

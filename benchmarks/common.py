@@ -60,6 +60,9 @@ class PeakMemory:
         self.root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.peak = 0
+        # The machine's memory in use above what it was at the start: shared pages counted once.
+        self.idle_used = psutil.virtual_memory().used
+        self.peak_used = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,6 +79,7 @@ class PeakMemory:
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
                 self.peak = max(self.peak, self._tree_rss())
+            self.peak_used = max(self.peak_used, psutil.virtual_memory().used - self.idle_used)
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -89,6 +93,10 @@ class PeakMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def peak_used_mib(self) -> float:
+        return self.peak_used / 2**20
 
 
 def held_out_parser(description: str, results: str, model: str = str(DEFAULT_MODEL)) -> argparse.ArgumentParser:

