@@ -195,9 +195,13 @@ _UNSET_FACE_COLUMNS = {f.name: None for f in FACE_SCHEMA if f.name != "path"}
 
 
 def crop_images(
-    payloads: Sequence[bytes | np.ndarray], detector: Detector, settings: CropSettings, source_side: int | None = None
+    payloads: Sequence[bytes | np.ndarray | SourceImage],
+    detector: Detector,
+    settings: CropSettings,
+    source_side: int | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """Decode, detect and crop a batch of images; one list of rows per input.
+    """Decode, detect and crop a batch of images (encoded bytes, RGB pixels or opened images); one list of
+    rows per input.
 
     Each row has face_index, x1..y2 (face box in the upright image's pixels), crop_box, score,
     num_faces, detector, width, height, `crop` (RGB uint8 array or None) and `error` (None, `no_face`,
@@ -222,8 +226,10 @@ def crop_images(
     return results
 
 
-def _open(payload: bytes | np.ndarray, settings: CropSettings) -> SourceImage | str:
+def _open(payload: bytes | np.ndarray | SourceImage, settings: CropSettings) -> SourceImage | str:
     """The image, or the reason it cannot be decoded."""
+    if isinstance(payload, SourceImage):
+        return payload
     if isinstance(payload, np.ndarray):
         return SourceImage.from_pixels(payload)
     try:

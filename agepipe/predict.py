@@ -25,6 +25,7 @@ from agepipe.calibrate import Calibration, check_level
 from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weight_dirs
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
+from agepipe.images import SourceImage
 from agepipe.labels import GENDERS
 from agepipe.model import AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input, model_location
 
@@ -254,7 +255,7 @@ class Predictor:
                 )
         return results
 
-    def crop_images(self, payloads: Sequence[bytes | np.ndarray]) -> list[list[dict[str, Any]]]:
+    def crop_images(self, payloads: Sequence[bytes | np.ndarray | SourceImage]) -> list[list[dict[str, Any]]]:
         """Per image, the crop function's rows (box, score, crop, error) with this model's crop settings, each
         crop cut from at least as many source pixels as the network's input has, where the image has them."""
         return crop_images(payloads, self.detector, self.crop, source_side=min(self.crop.size, self.config.image_size))
