@@ -17,6 +17,7 @@ faces with the Predictor and records the calibration in a checkpoint, where `sco
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -160,6 +161,9 @@ def fit_calibration(
 # --- calibrating a checkpoint on a crop dataset ---
 
 
+TRAIN_SETTINGS = {field.name for field in dataclasses.fields(TrainSettings)}
+
+
 def network_records(checkpoint: dict) -> list[dict]:
     """The per-network records of a checkpoint (an ensemble's members, else itself): their train settings."""
     return checkpoint.get("members") or [checkpoint]
@@ -179,7 +183,8 @@ def held_out_faces(checkpoint: dict, data: str) -> tuple[pd.DataFrame, str]:
         if not recorded or recorded.get("data") != storage.absolute(data):
             continue
         trained_here += 1
-        plan, _ = plan_dataset(from_dict(TrainSettings, {**recorded, "data": data}))
+        known = {name: value for name, value in recorded.items() if name in TRAIN_SETTINGS}  # older records
+        plan, _ = plan_dataset(from_dict(TrainSettings, {**known, "data": data}))
         val = plan.loc[(plan["split"] == "val") & ~plan["trained"]]
         keys = set(zip(val["path"], val["face_index"], strict=True))
         held &= pd.Series([key in keys for key in zip(frame["path"], frame["face_index"], strict=True)], frame.index)

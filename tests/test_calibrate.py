@@ -200,3 +200,19 @@ def test_held_out_faces_of_a_dataset_the_model_trained_on_are_its_val_faces(cali
         held_out_faces({**checkpoint, "train_settings": {**settings, "val_fraction": 0.02}}, str(small_faces))
     calibration = calibrate_checkpoint(output, str(small_faces), str(small_faces.parent / "again.pt"), level=0.8)
     assert calibration.level == 0.8
+
+
+def test_agepipe_export_calibrates_an_ensemble(calibrated, small_faces, tmp_path) -> None:
+    _, output = calibrated
+    ensemble = tmp_path / "ensemble.pt"
+    args = ("export", "--model", output, output, "--output", str(ensemble))
+    result = run_cli(*args, "--calibration-data", str(small_faces))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "export: 90% interval from 240 faces" in result.stdout
+    checkpoint = read_checkpoint(str(ensemble))
+    assert Calibration.from_dict(checkpoint["calibration"]).faces == 240
+    assert all("calibration" not in member for member in checkpoint["members"])  # a network's own is not the ensemble's
+    # Without data to calibrate on, the ensemble is written without one, and the command says so.
+    bare = run_cli(*args)
+    assert bare.returncode == 0 and "no calibration" in bare.stdout and "has no calibration" in bare.stderr
+    assert "calibration" not in read_checkpoint(str(ensemble))

@@ -18,6 +18,7 @@ import torch
 from helpers import TINY_RUN, registered_checkpoints, run_cli
 
 from agepipe.augment import decode_crop
+from agepipe.calibrate import Calibration
 from agepipe.config import DEFAULT_SEARCH_SPACE, AgeGroups, TrainSettings, TuneSettings
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, AgeModel, load_checkpoint, normalize_uint8
@@ -263,6 +264,9 @@ def test_interrupted_ddp_run_resumes_from_its_last_checkpoint_learns_and_reloads
     model, crop, checkpoint = load_checkpoint(str(output / "model.pt"))
     assert crop.detector == "none" and crop.size == 96
     assert checkpoint["val_mae"] == metrics["val_mae"].min()
+    # Calibrated at the end of the run on its val faces, which it did not train on.
+    calibration = Calibration.from_dict(checkpoint["calibration"])
+    assert calibration.faces == (split["split"] == "val").sum() and "val faces" in calibration.source
     again, _, _ = load_checkpoint(str(output / "model.pt"))
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
