@@ -6,9 +6,14 @@ with its box, age and its calibrated interval (`age_low`, `age_high`), age group
 the model is loaded; `GET /` is the upload page. Bad input is a 4xx with a JSON `detail`, checked
 before anything is decoded where it can be (body size, content type).
 
-Each request decodes and detects on its own (one detector thread per replica), then waits on
-`predict_faces`, which `@serve.batch` turns into one model forward pass for the faces of all
-requests that arrived together. The request parsing and response shaping are plain functions.
+Two deployments: `AgeIngress` answers HTTP (reads and checks the request, serves the page) and calls
+an `AgeService` model replica through a deployment handle. Inference is idempotent, so a request
+whose model replica dies under it is sent again to a live one (or to its replacement); only when
+that keeps failing does the client get a 503 with `Retry-After`, never a 500.
+
+In a model replica each request decodes and detects on its own (one detector thread per replica),
+then waits on `predict_faces`, which `@serve.batch` turns into one model forward pass for the faces
+of all requests that arrived together. The request parsing and response shaping are plain functions.
 """
 
 import asyncio
@@ -17,7 +22,7 @@ import io
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +33,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from python_multipart import parse_form
 from python_multipart.multipart import Field, File
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
 
 from agepipe import config, storage
 from agepipe.cluster import init_ray
@@ -62,6 +69,10 @@ class RequestError(Exception):
         self.status = status
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, str]]:
+        # Raised in a model replica and answered by the ingress: it crosses processes whole.
+        return RequestError, (self.status, self.reason, self.detail)
 
 
 def check_content_length(header: str | None, max_body_bytes: int) -> None:
@@ -227,6 +238,30 @@ async def read_body(request: Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+# A request is sent to a model replica at most this many times: a replica that died under it (killed,
+# out of memory, its node lost) is replaced by Serve, and the handle holds a request until one is up.
+REPLICA_ATTEMPTS = 3
+REPLICA_RETRY_WAIT_S = 0.5
+RETRY_AFTER_S = 5  # what a client is told to wait when every attempt found a dying replica
+
+
+class ReplicaLost(Exception):
+    """Every attempt at a request found its model replica dead: answered 503 with Retry-After."""
+
+
+async def call_with_retries(call: Callable[[], Awaitable[T]], attempts: int, wait_s: float) -> T:
+    """`call()`, made again (after `wait_s`, doubling) each time its replica died under it: Ray Serve's
+    router stops sending to a replica once a call to it raised RayActorError."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except RayActorError as exc:
+            if attempt + 1 == attempts:
+                raise ReplicaLost(f"{attempts} model replicas in a row died under the request") from exc
+            await asyncio.sleep(wait_s * 2**attempt)
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
+
+
 app = FastAPI(title="agepipe", description="Facial age, age group and gender estimation.")
 
 
@@ -235,10 +270,18 @@ async def request_error_response(_request: Request, exc: RequestError) -> JSONRe
     return JSONResponse({"detail": exc.detail, "error": exc.reason}, status_code=exc.status)
 
 
+@app.exception_handler(ReplicaLost)
+async def replica_lost_response(_request: Request, exc: ReplicaLost) -> JSONResponse:
+    detail = f"the model is restarting ({exc}): send the request again"
+    return JSONResponse(
+        {"detail": detail, "error": "replica_lost"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
 @serve.deployment(name="AgeService")
-@serve.ingress(app)
 class AgeService:
-    """One replica: a Predictor, a detector thread and a model thread (the batched forward pass)."""
+    """One model replica: a Predictor, a detector thread and a model thread (the batched forward pass).
+    It answers the ingress's calls: an upload's bytes in, the answer out."""
 
     def __init__(self, settings: ServeSettings) -> None:
         from agepipe.predict import Predictor
@@ -257,7 +300,6 @@ class AgeService:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.predict_faces.set_max_batch_size(settings.batch_size)
         self.requests_at_model = 0
-        self.page = (STATIC_DIR / "index.html").read_text()
         self.started = time.time()
         # Load the detector and run the model once so that the first request is not the slow one.
         self.predictor.crop_images([np.full((64, 64, 3), 128, np.uint8)])
@@ -270,9 +312,7 @@ class AgeService:
         image = decode_upload(data, self.predictor.crop.max_pixels)
         return self.predictor.crop_images([image])[0]
 
-    async def _faces_of_upload(self, request: Request) -> list[dict[str, Any]]:
-        body = await read_body(request, self.settings.max_body_bytes)
-        data = upload_bytes(body, request.headers.get("content-type"))
+    async def _faces_of_upload(self, data: bytes) -> list[dict[str, Any]]:
         return await self._in_thread(self.detect_thread, self._decode_and_crop, data)
 
     async def predictions(self, crops: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -294,35 +334,71 @@ class AgeService:
         predictions = await self._in_thread(self.model_thread, self.predictor.predict_crops, crops)
         return split_by_counts(predictions, [len(request_crops) for request_crops in crops_per_request])
 
-    @app.get("/", response_class=HTMLResponse)
-    async def upload_page(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "model": self.predictor.model_uri,
             "detector": self.predictor.crop.detector,
             "device": str(self.predictor.device),
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
-    @app.post("/predict")
-    async def predict(self, request: Request) -> dict[str, Any]:
-        rows = await self._faces_of_upload(request)
+    async def predict(self, data: bytes) -> dict[str, Any]:
+        rows = await self._faces_of_upload(data)
         crops = [row["crop"] for row in face_rows(rows)]
         predictions = await self.predictions(crops) if crops else []
         return predict_response(rows, predictions, self.predictor.level)
 
-    @app.post("/explain")
-    async def explain(self, request: Request) -> Response:
+    async def explain(self, data: bytes) -> bytes:
         from agepipe.explain import explain_crop
 
-        face = largest_face(await self._faces_of_upload(request))
+        face = largest_face(await self._faces_of_upload(data))
         overlay = await self._in_thread(self.model_thread, explain_crop, self.predictor, face["crop"])
-        return Response(encode(overlay, "png"), media_type="image/png")
+        return encode(overlay, "png")
+
+
+@serve.deployment(name="AgeIngress")
+@serve.ingress(app)
+class AgeIngress:
+    """HTTP in front of the model replicas: reads and checks each request, then calls a model replica
+    through `model`, again on another if the one it was sent to dies (`call_with_retries`)."""
+
+    def __init__(self, model: DeploymentHandle, settings: ServeSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.page = (STATIC_DIR / "index.html").read_text()
+
+    async def _model(self, method: str, *args: Any) -> Any:
+        try:
+            return await call_with_retries(
+                lambda: getattr(self.model, method).remote(*args), REPLICA_ATTEMPTS, REPLICA_RETRY_WAIT_S
+            )
+        except RayTaskError as exc:
+            if isinstance(exc.cause, RequestError):  # the model refused the upload: the client's 4xx
+                raise exc.cause from None
+            raise
+
+    async def _upload(self, request: Request) -> bytes:
+        body = await read_body(request, self.settings.max_body_bytes)
+        return upload_bytes(body, request.headers.get("content-type"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def upload_page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return await self._model("health")
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> dict[str, Any]:
+        return await self._model("predict", await self._upload(request))
+
+    @app.post("/explain")
+    async def explain(self, request: Request) -> Response:
+        return Response(await self._model("explain", await self._upload(request)), media_type="image/png")
 
 
 def application(settings: ServeSettings) -> Application:
@@ -331,11 +407,18 @@ def application(settings: ServeSettings) -> Application:
 
     settings = with_absolute_paths(settings)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    return AgeService.options(
+    model = AgeService.options(
         autoscaling_config=autoscaling_config(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         ray_actor_options=replica_resources(settings, cluster_gpus),
     ).bind(settings)
+    # The ingress only reads requests and waits on the model: it reserves no CPU, and holds as many
+    # requests as all model replicas together.
+    return AgeIngress.options(
+        num_replicas=1,
+        max_ongoing_requests=settings.max_ongoing_requests * settings.max_replicas,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(model, settings)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

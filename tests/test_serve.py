@@ -4,11 +4,17 @@ local Ray answering over HTTP (faces with `--detector none`, scenes with YuNet),
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import re
+import signal
 import struct
+import threading
+import time
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,17 +24,23 @@ import pytest
 import requests
 from common import compose_scene
 from PIL import Image
+from ray.exceptions import ActorDiedError
 
 from agepipe.config import DEFAULT_AGE_GROUPS, ServeSettings
 from agepipe.images import encode
 from agepipe.serve import (
+    REPLICA_ATTEMPTS,
+    RETRY_AFTER_S,
+    ReplicaLost,
     RequestError,
     autoscaling_config,
     batch_wait_s,
+    call_with_retries,
     check_content_length,
     largest_face,
     multipart_file,
     predict_response,
+    replica_lost_response,
     replica_resources,
     split_by_counts,
     start_server,
@@ -170,7 +182,9 @@ def test_serve_config_file_is_a_valid_serve_config_that_builds_the_app():
     assert schema.http_options.host == "127.0.0.1"
     [app] = values["applications"]
     assert app["import_path"] == "agepipe.serve:app_builder"
-    deployment = app_builder(app["args"])._bound_deployment
+    ingress = app_builder(app["args"])._bound_deployment
+    deployment = ingress.init_args[0]._bound_deployment  # the model, called through the HTTP ingress
+    assert (ingress.name, deployment.name) == ("AgeIngress", "AgeService")
     assert deployment._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
     assert deployment._deployment_config.max_ongoing_requests == app["args"]["max_ongoing_requests"]
     assert app["args"]["model"] == ServeSettings().model, "the file serves what `agepipe serve` serves"
@@ -386,3 +400,67 @@ def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths, bro
         f"() => [...document.getElementById('canvas').getContext('2d').getImageData({x1}, {(y1 + y2) / 2}, 1, 1).data]"
     )
     assert edge[:3] == [0, 224, 138]  # the box's stroke colour on its left edge
+
+
+def test_a_call_is_made_again_when_its_replica_died_and_a_503_when_every_attempt_did():
+    calls = []
+
+    async def dies_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ActorDiedError()
+        return "answer"
+
+    assert asyncio.run(call_with_retries(dies_twice, attempts=3, wait_s=0.001)) == "answer" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ReplicaLost):
+        asyncio.run(call_with_retries(dies_twice, attempts=2, wait_s=0.001))
+    assert len(calls) == 2
+
+    async def bad_input() -> str:
+        calls.append(1)
+        raise RequestError(422, "corrupt", "corrupt image")
+
+    calls.clear()
+    with pytest.raises(RequestError):  # the client's fault: answered at once, not sent again
+        asyncio.run(call_with_retries(bad_input, attempts=3, wait_s=0.001))
+    assert len(calls) == 1
+    response = asyncio.run(replica_lost_response(None, ReplicaLost("3 replicas died")))
+    assert response.status_code == 503 and response.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert json.loads(response.body)["detail"]
+
+
+def test_a_killed_model_replica_costs_the_clients_under_load_nothing(server, face_paths):
+    """SIGKILL the faces app's only model replica while 8 clients post faces: every request is answered
+    (retried on the replica Serve starts in its place), none with a 5xx, and the new replica answers."""
+    before = requests.get(server.url + "healthz", timeout=TIMEOUT_S).json()
+    images = [path.read_bytes() for path in face_paths]
+    answers: list[tuple[float, int, str | None]] = []
+    done = threading.Event()
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                response = session.post(
+                    server.url + "predict",
+                    data=images[index % len(images)],
+                    headers={"Content-Type": "image/jpeg"},
+                    timeout=TIMEOUT_S,
+                )
+                answers.append((time.monotonic(), response.status_code, response.headers.get("retry-after")))
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client, index) for index in range(8)]
+        time.sleep(1)
+        killed_at = time.monotonic()
+        os.kill(before["pid"], signal.SIGKILL)
+        after = requests.get(server.url + "healthz", timeout=TIMEOUT_S).json()
+        time.sleep(1)
+        done.set()
+        [future.result() for future in clients]
+    server.replica = after["replica"]  # for the tests after this one
+    assert after["replica"] != before["replica"] and after["pid"] != before["pid"]
+    statuses = Counter(status for _, status, _ in answers)
+    assert not [a for a in answers if a[1] >= 500 and not (a[1] == 503 and a[2])], statuses
+    assert statuses[200] >= len(answers) - REPLICA_ATTEMPTS, statuses
+    assert sum(1 for at, status, _ in answers if at > killed_at and status == 200) >= 8, statuses
