@@ -7,6 +7,14 @@ Each client is an asyncio task that posts its next image as soon as the previous
 One replica (one CPU) on a local Ray; the clients run on the same machine. Writes
 benchmarks/results/serve.md and serve.json (`--results` names them otherwise). The model is `agepipe
 serve`'s default (the bundled `fast`) unless `--model` names another.
+
+    .venv/bin/python benchmarks/serve.py --soak [--minutes 10] [--clients 32] [--results serve-soak]
+
+The soak: `agepipe serve` as shipped (its checkpoint's YuNet detector, every face) with two model
+replicas, `--clients` clients for `--minutes`, each request drawn from a seeded mix of UTKFace faces,
+12-megapixel photos of several faces and bad bodies (text, truncated JPEGs, empty). It reports
+requests/s, p50 and p99 per kind, every status code, and the memory (RSS) of every Serve process at
+the start, minute 2, the middle and the end, sampled every 5 s.
 """
 
 from __future__ import annotations
@@ -16,12 +24,16 @@ import asyncio
 import json
 import os
 import platform
+import random
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 import ray
 from PIL import Image
 
@@ -168,13 +180,198 @@ def serving_table(rows: list[dict]) -> str:
     return markdown_table([{name: r[key] for key, name in keys.items()} for r in rows], float_format="")
 
 
+# The soak's request mix: kind -> share of requests.
+SOAK_MIX = {"face": 0.7, "photo_12mp": 0.1, "bad_body": 0.2}
+SOAK_APP = "soak"
+MEMORY_EVERY_S = 5.0
+
+
+def photos_12mp(count: int) -> list[bytes]:
+    """4032x3024 JPEGs (q90) of three UTKFace faces each, as a phone takes them."""
+    rng = np.random.default_rng(1)
+    paths = sorted(UTKFACE.glob("*.jpg"))[1000 : 1000 + 3 * count]
+    photos = []
+    for start in range(0, len(paths), 3):
+        faces = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + 3]]
+        pixels, _ = compose_scene(faces, (3024, 4032), rng, min_side=300)
+        photos.append(encode(pixels, "jpeg", 90))
+    return photos
+
+
+def bad_bodies(face: bytes) -> list[bytes]:
+    return [b"this is not an image" * 20, face[: len(face) // 2], b""]
+
+
+def serve_processes() -> dict[str, list[psutil.Process]]:
+    """This soak's Serve processes by role: its deployments' replicas, the HTTP proxy, the controller."""
+    roles: dict[str, list[psutil.Process]] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        title = (process.info["cmdline"] or [""])[0]
+        if title.startswith(f"ray::ServeReplica:{SOAK_APP}:"):
+            role = title.removeprefix(f"ray::ServeReplica:{SOAK_APP}:").split(".")[0]
+        elif title.startswith(("ray::ProxyActor", "ray::ServeController")):
+            role = title.removeprefix("ray::").split(".")[0]
+        else:
+            continue
+        roles.setdefault(role, []).append(process)
+    return roles
+
+
+def memory_mb() -> dict[str, float]:
+    """Resident memory of each role's processes together, in MB."""
+    usage = {}
+    for role, processes in serve_processes().items():
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        usage[role] = round(total / 1e6, 1)
+    return usage
+
+
+def sample_memory(samples: list[dict], started: float, stop: threading.Event) -> None:
+    while not stop.is_set():
+        samples.append({"t_s": round(time.perf_counter() - started, 1), **memory_mb()})
+        stop.wait(MEMORY_EVERY_S)
+
+
+async def soak_clients(url: str, bodies: dict[str, list[bytes]], clients: int, seconds: float) -> list[tuple]:
+    """Closed-loop load from a seeded mix; one (kind, status, seconds, sent at) per request."""
+    results: list[tuple] = []
+    kinds, weights = list(SOAK_MIX), list(SOAK_MIX.values())
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        rng = random.Random(index)
+        while time.perf_counter() < deadline:
+            kind = rng.choices(kinds, weights)[0]
+            data = rng.choice(bodies[kind])
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=data, headers={"Content-Type": "image/jpeg"}) as response:
+                    await response.read()
+                    status: int | str = response.status
+            except aiohttp.ClientError as exc:
+                status = type(exc).__name__
+            results.append((kind, status, time.perf_counter() - start, start))
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+    return results
+
+
+def latency_row(name: str, results: list[tuple], seconds: float) -> dict:
+    milliseconds = np.array([r[2] for r in results]) * 1000
+    return {
+        "requests": name,
+        "count": len(results),
+        "requests_per_s": round(len(results) / seconds, 2),
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 1),
+    }
+
+
+def at_minute(samples: list[dict], minute: float) -> dict:
+    """The memory sample nearest `minute` into the soak."""
+    return min(samples, key=lambda s: abs(s["t_s"] - minute * 60))
+
+
+def soak(args: argparse.Namespace) -> None:
+    faces = face_images(200)
+    bodies = {"face": faces, "photo_12mp": photos_12mp(6), "bad_body": bad_bodies(faces[0])}
+    settings = ServeSettings(
+        port=args.port,
+        model=args.model,
+        min_replicas=2,
+        max_replicas=2,
+        num_cpus=1,
+        crop_overrides={"all_faces": True, "detector_weights": YUNET},
+    )
+    load_before = os.getloadavg()
+    apply_ray_serve_env(settings.ray_serve_env)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    samples: list[dict] = []
+    stop = threading.Event()
+    try:
+        url = start_server(settings, name=SOAK_APP) + "predict"
+        asyncio.run(soak_clients(url, bodies, clients=4, seconds=10))  # warm-up
+        seconds = args.minutes * 60
+        started = time.perf_counter()
+        sampler = threading.Thread(target=sample_memory, args=(samples, started, stop))
+        sampler.start()
+        results = asyncio.run(soak_clients(url, bodies, args.clients, seconds))
+        elapsed = time.perf_counter() - started
+        stop.set()
+        sampler.join()
+    finally:
+        stop_server()
+        ray.shutdown()
+    statuses = Counter(f"{kind} {status}" for kind, status, _, _ in results)
+    rows = [latency_row("all", results, elapsed)] + [
+        latency_row(kind, [r for r in results if r[0] == kind], elapsed) for kind in SOAK_MIX
+    ]
+    marks = {"start": 0.0, "minute 2": 2.0, "middle": args.minutes / 2, "end": args.minutes}
+    memory = {mark: at_minute(samples, minute) for mark, minute in marks.items()}
+    growth = {
+        role: round(100 * (memory["end"][role] / memory["minute 2"][role] - 1), 1)
+        for role in memory["end"]
+        if role != "t_s" and memory["minute 2"].get(role)
+    }
+    server_errors = sum(count for key, count in statuses.items() if key.split()[-1].startswith("5"))
+    summary = {
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "mix": SOAK_MIX,
+        "model": args.model,
+        "replicas": settings.min_replicas,
+        "replica_cpus": settings.num_cpus,
+        "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "server_errors": server_errors,
+        "memory_growth_minute2_to_end_percent": growth,
+    }
+    memory_rows = [{"when": mark, **sample} for mark, sample in memory.items()]
+    text = (
+        f"`benchmarks/serve.py --soak --minutes {args.minutes} --clients {args.clients}`: two model replicas "
+        f"(one CPU each) and the HTTP ingress on local Ray, {summary['cpus']} CPUs shared with the clients; "
+        f"model {args.model} with its checkpoint's YuNet, every face. Mix: {SOAK_MIX}. Load average "
+        f"before/after: {summary['load_average_before']} / {summary['load_average_after']}.\n\n"
+        f"{markdown_table(rows, float_format='')}\n\nStatus codes: "
+        f"{', '.join(f'{key}: {count}' for key, count in sorted(statuses.items()))}; 5xx: {server_errors}.\n\n"
+        f"Resident memory (MB) of the Serve processes, each role's processes together:\n\n"
+        f"{markdown_table(memory_rows, float_format='')}\n\nGrowth from minute 2 to the end: "
+        f"{', '.join(f'{role} {value:+.1f}%' for role, value in growth.items())}.\n"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.results}.md").write_text(f"# Serve soak\n\n{text}")
+    (RESULTS / f"{args.results}.json").write_text(
+        json.dumps(
+            {"summary": summary, "latency": rows, "statuses": dict(statuses), "memory": memory, "samples": samples},
+            indent=2,
+        )
+    )
+    print(f"\n{text}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", default=ServeSettings().model, help="checkpoint or bundled model name")
     parser.add_argument("--seconds", type=float, default=6.0, help="measurement time per cell")
     parser.add_argument("--port", type=int, default=8766)
-    parser.add_argument("--results", default="serve", help="results file name under benchmarks/results")
+    parser.add_argument("--results", default=None, help="results file name under benchmarks/results")
+    parser.add_argument("--soak", action="store_true", help="the long run instead of the latency table")
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak length")
+    parser.add_argument("--clients", type=int, default=32, help="soak clients")
     args = parser.parse_args()
+    if args.soak:
+        args.results = args.results or "serve-soak"
+        soak(args)
+        return
+    args.results = args.results or "serve"
 
     load_before = os.getloadavg()
     side_by_side = ablation(args.model, args.seconds, args.port)
