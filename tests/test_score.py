@@ -19,10 +19,11 @@ from PIL import Image
 
 from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import decode
+from agepipe.metrics import interval_summary
 from agepipe.model import DEFAULT_MODEL
 from agepipe.score import build_predictor, cropped_rows, run_score, score_rows
 
-CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_group", "gender", "error"}
+CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_low", "age_high", "age_group", "gender", "error"}
 CARD_METRICS = DEFAULT_MODEL.with_name("default_metrics.json")
 CARD_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 
@@ -60,6 +61,15 @@ def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkfac
     assert abs(mae - card["test"]["age"]["mae"]) <= 0.3, (mae, card["test"]["age"]["mae"])
     assert set(faces["gender"]) <= {"male", "female"}
     assert set(faces["age_group"]) <= {"Child", "Youth", "Adult", "Middle Age", "Senior"}
+    # The calibrated 90% intervals hold what the card says, overall and for every age group, gender and race.
+    assert ((faces["age_low"] <= faces["age"]) & (faces["age"] <= faces["age_high"])).all()
+    intervals = interval_summary(faces)
+    assert 0.87 <= intervals["overall"]["coverage"] <= 0.93 and intervals["overall"]["mean_width"] <= 20
+    assert abs(intervals["overall"]["coverage"] - card["intervals"]["aligned"]["overall"]["coverage"]) <= 0.01
+    for grouping in ("by_age_group", "by_gender", "by_race"):
+        assert min(row["coverage"] for row in intervals[grouping]) >= 0.85, intervals[grouping]
+    widths = faces["age_high"] - faces["age_low"]
+    assert widths[faces["age"] < 12].mean() * 2 < widths[faces["age"] > 60].mean()  # not one band for all
 
 
 def test_score_finds_every_face_of_a_photo_by_default(ray_local, utkface_dir, yunet_weights, tmp_path):
