@@ -18,7 +18,7 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("job", ["crop_faces", "train", "tune", "score", "evaluate", "serve"])
+@pytest.mark.parametrize("job", ["crop_faces", "train", "tune", "score", "evaluate", "serve", "calibrate"])
 def test_job_entry_points_take_the_cli_options(job: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], capture_output=True, text=True, timeout=120
