@@ -259,7 +259,13 @@ def main() -> None:
         by_race=table(test["by_race"], "race"),
         networks=networks_text(len(networks)),
         fast=fast_section(fast_metrics, metrics) if ensemble else "",
-        intervals=interval_section(model, metrics, fast_metrics if ensemble else None, args.wild_photos),
+        intervals=interval_section(
+            model,
+            metrics,
+            fast_metrics if ensemble else None,
+            args.wild_photos,
+            f"`agepipe export` of the networks, then `agepipe calibrate --data {calibration_data}` (its val split)",
+        ),
         settings=json.dumps(shown_settings(first), indent=2),
         crop_flags=f" --geometry {crop['geometry']}" if crop.get("geometry") != CropSettings().geometry else "",
         crop=json.dumps(crop, indent=2),
@@ -498,8 +504,8 @@ validation MAE.
 
 INTERVAL_HEADING = "## Age intervals"
 INTERVAL_TARGETS = (
-    "issue 37's lines for the default model's 90% interval: coverage 0.87-0.93 on the test split, at least 0.85 in "
-    "every age group, gender and race and at least 0.85 in the wild, mean width at most 20 years"
+    "issue 37's lines for the default model's 90% interval: coverage 0.87-0.93 on the test split, at least 0.85\n"
+    "in every age group, gender and race and at least 0.85 in the wild, mean width at most 20 years"
 )
 
 
@@ -511,9 +517,9 @@ def interval_kinds() -> str:
     return markdown_table(json.loads(path.read_text())["rows"], float_format=".3f")
 
 
-def interval_section(model: str, metrics: dict, fast_metrics: dict | None, wild_photos: int) -> str:
-    """The card's interval section: how the intervals are made, why this kind, and their coverage and width
-    by group on the test split aligned and in the wild, for the default model (and the fast one)."""
+def interval_section(model: str, metrics: dict, fast_metrics: dict | None, wild_photos: int, command: str) -> str:
+    """The card's interval section: how the intervals are made (by `command`), why this kind, and their coverage
+    and width by group on the test split aligned and in the wild, for the default model (and the fast one)."""
     calibration = Calibration.from_dict(read_checkpoint(model)["calibration"])
     tables = f"The default model:\n\n{markdown_table(interval_rows(metrics['intervals']), float_format='.3f')}\n"
     if fast_metrics:
@@ -522,12 +528,13 @@ def interval_section(model: str, metrics: dict, fast_metrics: dict | None, wild_
     return f"""{INTERVAL_HEADING}
 
 Every face's age comes with `age_low` and `age_high`: a {calibration.level:.0%} interval (`--interval-level` gives
-another) calibrated on {calibration.faces} faces the networks did not train on ({calibration.source}) by split
-conformal prediction (`agepipe/calibrate.py`). The interval is the age plus a shift, plus or minus a half-width:
-both are curves of the predicted age (per tenth of the faces by predicted age: their mean error, and their mean
-absolute error about it), the half-width scaled by the conformal quantile of the faces' errors about the curves
-(each face's error measured against curves fitted without its fold, 5 folds). So a child's interval is narrow,
-and a senior's wide and reaching further up than down (the model pulls the old younger). It travels inside the
+another) calibrated by conformal prediction (`agepipe/calibrate.py`) on {calibration.faces} faces the networks did
+not train on, the val faces of `default_split.parquet`: {command}.
+The interval is the age plus a shift, plus or minus a half-width: both are curves of the predicted age (per
+tenth of the faces by predicted age: their mean error, and their mean absolute error about it), the half-width
+scaled by the conformal quantile of the faces' errors about the curves (each face's error measured against
+curves fitted without its fold, 5 folds). So a child's interval is narrow, and a senior's wide and reaching
+further up than down (the model pulls the old younger). It travels inside the
 checkpoint (`calibration`), so `score` and `serve` need nothing else.
 
 Why this kind (`benchmarks/intervals.py --faces out/faces-valtest --cache out/ages`, fitted on the val faces,
@@ -551,7 +558,7 @@ those:
 
 
 AGE_HEADS = {
-    "regression": "one regression output, the age in years, clamped to 0-100; no uncertainty",
+    "regression": "one regression output, the age in years, clamped to 0-100, with a calibrated interval (below)",
     "distribution": "label distribution over 0-100, expectation as the age, its spread as the uncertainty",
 }
 TRIED_HEADING = "## What was tried"
@@ -636,7 +643,13 @@ def recalibrate_shipped(out: Path, data: str | None, report: Path, wild_photos: 
         metrics["intervals_wild_rows"] = rows
         metrics_file.write_text(json.dumps(metrics, indent=2))
         measured[name] = metrics
-    section = interval_section(str(out / DEFAULT_MODEL.name), measured["default"], measured["fast"], wild_photos)
+    command = (
+        f"`python scripts/make_default_model.py --intervals-only --calibration-data {data}`, `{data}` being "
+        "the val images cropped by `agepipe crop` with the model's recorded crop settings (YuNet, landmarks)"
+    )
+    section = interval_section(
+        str(out / DEFAULT_MODEL.name), measured["default"], measured["fast"], wild_photos, command
+    )
     card_path = out / "MODEL_CARD.md"
     card = card_path.read_text()
     if INTERVAL_HEADING in card:
