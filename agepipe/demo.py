@@ -61,13 +61,16 @@ def run_demo(output: str) -> dict[str, Any]:
 
 
 def faces_table(scores: pd.DataFrame) -> str:
-    """Each photo and what was found in it, one line per face, as a plain-text table."""
-    lines = [f"{'photo':<16} {'face':>4}  {'age':>5}  {'age group':<11} {'gender':<7} box"]
+    """Each photo and what was found in it, one line per face (its age, the age's interval, group, gender and
+    box), as a plain-text table."""
+    lines = [f"{'photo':<16} {'face':>4}  {'age':>5}  {'interval':<9} {'age group':<11} {'gender':<7} box"]
     for row in scores.sort_values(["path", "face_index"]).itertuples():
         name = Path(row.path).name
         if pd.isna(row.face_index):
             lines.append(f"{name:<16} {'-':>4}  {'':>5}  {row.error or '':<11}")
             continue
         box = ",".join(f"{v:.0f}" for v in (row.x1, row.y1, row.x2, row.y2))
-        lines.append(f"{name:<16} {int(row.face_index):>4}  {row.age:5.1f}  {row.age_group:<11} {row.gender:<7} {box}")
+        interval = "-" if pd.isna(row.age_low) else f"{row.age_low:.0f}-{row.age_high:.0f}"
+        face = f"{int(row.face_index):>4}  {row.age:5.1f}  {interval:<9} {row.age_group:<11} {row.gender:<7}"
+        lines.append(f"{name:<16} {face} {box}")
     return "\n".join(lines)

@@ -25,6 +25,8 @@ def test_demo_ends_with_a_table_of_each_photos_faces_and_the_report(tmp_path) ->
         assert rows[face_free] == [["-", "no_face"]], rows[face_free]
     astronaut = rows["astronaut.jpg"]
     assert len(astronaut) == 1 and astronaut[0][0] == "0" and 15 < float(astronaut[0][1]) < 70
+    low, high = map(float, astronaut[0][2].split("-"))  # the age's calibrated interval
+    assert low <= float(astronaut[0][1]) <= high and high - low > 2
     report = Path(lines[-1].removeprefix("report: "))
     assert lines[-1].startswith("report: ") and report.is_file()
     # Nothing from Ray between the table and the end, and no start-up chatter on stdout at all.
