@@ -1,4 +1,4 @@
-"""Calibrated age intervals: split conformal prediction on held-out faces, adaptive to the predicted age.
+"""Calibrated age intervals: conformal prediction on held-out faces, adaptive to the predicted age.
 
 A face's interval is `age + shift(age) ± q * scale(age)`, widened where needed to hold the age itself.
 `shift` is the mean error of held-out faces predicted at about that age (the model pulls the old younger
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_LEVEL = 0.9
 CURVE_BINS = 10  # predicted-age bins of the curves: about 200 faces each in a 2,000-face val split
 MIN_SCALE = 0.5  # years: a bin of near-perfect predictions must not make every interval there a point
-FOLDS = 5
+FOLDS = 5  # each face's score comes from curves fitted on the other four fifths
 MIN_FACES = 20  # held-out faces at least: enough for a curve per fold and a quantile
 
 
@@ -183,7 +183,8 @@ def held_out_faces(checkpoint: dict, data: str) -> tuple[pd.DataFrame, str]:
         if not recorded or recorded.get("data") != storage.absolute(data):
             continue
         trained_here += 1
-        known = {name: value for name, value in recorded.items() if name in TRAIN_SETTINGS}  # older records
+        # A setting an older agepipe recorded and this one no longer has does not change the split.
+        known = {name: value for name, value in recorded.items() if name in TRAIN_SETTINGS}
         plan, _ = plan_dataset(from_dict(TrainSettings, {**known, "data": data}))
         val = plan.loc[(plan["split"] == "val") & ~plan["trained"]]
         keys = set(zip(val["path"], val["face_index"], strict=True))
