@@ -63,6 +63,10 @@ class PeakMemory:
         self.interval = interval
         self.peak = 0
         self.peak_pss = 0
+        # CPU seconds per process of the tree, first and last seen: what the job's processes did, whatever
+        # else the machine was doing (the wall clock counts other people's work too).
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -75,10 +79,26 @@ class PeakMemory:
                 continue
         return total
 
+    def _cpu(self, process: psutil.Process) -> int:
+        times = process.cpu_times()
+        seconds = times.user + times.system
+        self._cpu_first.setdefault(process.pid, seconds)
+        self._cpu_last[process.pid] = seconds
+        return 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds the process tree spent while sampled, less the sampling's own (a process that lived
+        under one interval is missed)."""
+        return sum(last - self._cpu_first[pid] for pid, last in self._cpu_last.items()) - self._sampling_cpu
+
     def _run(self) -> None:
         samples = 0
+        self._sampling_cpu = 0.0
         while not self._stop.is_set():
+            self._sampling_cpu = time.thread_time()
             with contextlib.suppress(psutil.Error):
+                self._tree(self._cpu)
                 self.peak = max(self.peak, self._tree(lambda p: p.memory_info().rss))
                 # PSS shares each shared page among the processes that map it (reading it costs more: every
                 # fifth sample).
@@ -94,6 +114,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._tree(self._cpu)
 
     @property
     def peak_mib(self) -> float:

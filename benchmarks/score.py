@@ -146,9 +146,10 @@ def mae(ages: pd.Series, paths: pd.Series) -> float:
 
 
 def stage_costs(files: list[Path], predictor: Predictor, full_size: bool = False) -> tuple[dict, pd.DataFrame]:
-    """Seconds per photo of each stage on one core, in one process: decoding for the detector, detection,
-    decoding for the crops and cutting them, the model; and the predictions. `full_size` decodes every
-    pixel first, as before reduced decoding (its decode is then the whole cost of decoding)."""
+    """CPU seconds per photo of each stage on one thread, in one process: decoding for the detector,
+    detection, decoding for the crops and cutting them, the model; and the predictions. `full_size` decodes
+    every pixel first, as before reduced decoding (its decode is then the whole cost of decoding). CPU time,
+    not the wall clock: what each stage costs whatever else the machine runs."""
     torch.set_num_threads(1)
     import cv2
 
@@ -158,22 +159,22 @@ def stage_costs(files: list[Path], predictor: Predictor, full_size: bool = False
     rows = []
     for file in files:
         data = file.read_bytes()
-        started = time.perf_counter()
+        started = time.process_time()
         if full_size:
             payload = decode(data)
             view = SourceImage.from_pixels(payload).pixels(detector.input_side)
         else:
             payload = data
             view = SourceImage(data).pixels(detector.input_side)
-        decoded = time.perf_counter()
+        decoded = time.process_time()
         detector.detect([view])
-        detected = time.perf_counter()
+        detected = time.process_time()
         # The crop function again from the start: its decode and detection are taken off as timed above.
         faces = predictor.crop_images([payload])[0]
-        cropped = time.perf_counter()
+        cropped = time.process_time()
         crops = [face for face in faces if face["crop"] is not None]
         predictions = predictor.predict_crops([face["crop"] for face in crops]) if crops else []
-        scored = time.perf_counter()
+        scored = time.process_time()
         totals["decode"] += decoded - started
         totals["detect"] += detected - decoded
         totals["crop"] += max(cropped - detected - (detected - started), 0.0)
@@ -222,6 +223,7 @@ def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scr
         recall_reduced, mae_reduced, _ = face_match(sample_truth, reduced)
         recall_full, mae_full, _ = face_match(sample_truth, full)
         limit = cpus / sum(costs.values())
+        job_cpu = peak.cpu_seconds / len(files)
         peer = run_peer_script([str(f) for f in files[:peer_photos]], photos=True)
         peer_truth = placed[placed["path"].isin({str(f.resolve()) for f in files[:peer_photos]})]
         peer_found = pd.DataFrame(peer["rows"])
@@ -234,6 +236,8 @@ def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scr
                 "limit photos/s": limit,
                 "job / limit": job_ips / limit,
                 **{f"{stage} ms": 1000 * seconds for stage, seconds in costs.items()},
+                "job CPU ms": 1000 * job_cpu,
+                "stages / job CPU": sum(costs.values()) / job_cpu,
                 "peak PSS MiB": peak.peak_pss_mib,
                 "peak RSS MiB": peak.peak_mib,
                 "recall": recall,
@@ -250,8 +254,10 @@ def phone_rows(count: int, sample: int, peer_photos: int, model: str | None, scr
     notes += [
         f"12 MP photos/s / 1008x756 photos/s: {rows[0]['photos/s'] / rows[1]['photos/s']:.2f}.",
         f"Model: {model or 'default'}; the model's YuNet, every face; {cpus} CPUs, one scoring actor per CPU.",
-        f"Stage costs: one thread, one process, over the first {sample} photos; limit = CPUs / their sum. "
-        "decode: the detector's view (a DCT-reduced decode of a JPEG); crop: the decode for the crops and cutting.",
+        f"Stage costs: CPU ms per photo on one thread, one process, over the first {sample} photos; limit = CPUs / "
+        "their sum. decode: the detector's view (a DCT-reduced decode of a JPEG); crop: the decode for the crops "
+        "and cutting. Job CPU ms: CPU time of the driver and all its Ray processes per photo; stages / job CPU: "
+        "the share of the job's CPU that the stages themselves need (1.0: no overhead).",
         f"Reduced / full: the same {sample} photos scored with every pixel decoded first, as before reduced decoding.",
         "Peak PSS: summed proportional set size of the driver and its Ray processes (each shared page counted "
         "once); peak RSS: their summed RSS (shared pages counted in each process).",
