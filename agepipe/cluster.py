@@ -74,9 +74,11 @@ class _BelowError(logging.Filter):
 
 def quiet_ray_data_failures() -> None:
     """Keep Ray Data's own report of a failed job (error lines and tracebacks) off the console: the
-    command reports a failure in one line, and Ray Data's log file in the session folder keeps them."""
-    import ray.data  # noqa: F401 (its import sets up the "ray.data" logger's handlers)
+    command reports a failure in one line, and Ray Data's log file in the session folder keeps them.
+    A failed map raises its own error, not Ray Data's wrapper, so that the driver can tell which."""
+    import ray.data  # its import sets up the "ray.data" logger's handlers
 
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(_BelowError())

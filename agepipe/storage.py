@@ -51,6 +51,10 @@ class StorageUnavailable(StorageError):
         self.reason = reason
         super().__init__(f"{store_of(uri)} did not answer for {uri}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a Ray worker, reported by the driver: it crosses processes whole.
+        return StorageUnavailable, (self.uri, self.reason)
+
 
 def store_of(uri: str) -> str:
     """The store that holds `uri`, in words: S3 and the endpoint it is reached at."""
@@ -86,11 +90,12 @@ def is_unavailable(error: BaseException) -> bool:
 
 def outage_in(exc: BaseException) -> BaseException | None:
     """The error behind `exc` that says a store was unavailable, or None: a StorageUnavailable (which
-    names the URI) where there is one, else the innermost (the store's own words, not a wrapper's)."""
+    names the URI) where there is one; the innermost, which has the store's own words, not a wrapper's."""
     chain = list(_error_chain(exc))
     named = [e for e in chain if isinstance(e, StorageUnavailable)]
     unavailable = [e for e in chain if is_unavailable(e)]
-    return named[0] if named else (unavailable[-1] if unavailable else None)
+    innermost = named or unavailable
+    return innermost[-1] if innermost else None
 
 
 def reason(error: BaseException) -> str:

@@ -41,6 +41,7 @@ class FaultPolicy:
         self.random = random.Random(seed)
         self.denied_buckets: set[str] = set()
         self.outage_until = 0.0
+        self.outage_trigger: tuple[str, int, float] | None = None
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
 
@@ -48,12 +49,22 @@ class FaultPolicy:
         with self.lock:
             self.outage_until = time.monotonic() + seconds
 
+    def outage_after(self, prefix: str, reads: int, seconds: float) -> None:
+        """Start an outage of `seconds` at the `reads`-th GET of a path under `prefix` (a job mid-read)."""
+        with self.lock:
+            self.outage_trigger = (prefix, reads, seconds)
+
     def in_outage(self) -> bool:
         return time.monotonic() < self.outage_until
 
-    def decide(self, path: str) -> str | None:
+    def decide(self, method: str, path: str) -> str | None:
         bucket = path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
         with self.lock:
+            if self.outage_trigger and method == "GET" and path.startswith(self.outage_trigger[0]):
+                prefix, reads, seconds = self.outage_trigger
+                self.outage_trigger = (prefix, reads - 1, seconds) if reads > 1 else None
+                if reads == 1:
+                    self.outage_until = time.monotonic() + seconds
             if self.in_outage():
                 fault = "outage"
             elif bucket in self.denied_buckets:
@@ -116,7 +127,7 @@ def _handler(host: str, port: int, policy: FaultPolicy) -> type[BaseHTTPRequestH
 
         def _forward(self) -> None:
             body = self._body()
-            fault = policy.decide(self.path)
+            fault = policy.decide(self.command, self.path)
             if fault is not None:
                 status, error = FAULTS[fault]
                 self._answer(status, [("Content-Type", "application/xml")], error)
