@@ -222,6 +222,14 @@ def widest_first(faces: pd.DataFrame) -> list[str]:
     return list(widest.sort_values(ascending=False, na_position="last", kind="stable").index)
 
 
+def label_top(top: float, bottom: float, height: float, photo_height: float) -> float:
+    """Where a face's label of `height` goes: above its box, else below it, else inside its top edge (a face
+    that fills the photo)."""
+    if top >= height:
+        return top - height
+    return bottom if bottom + height <= photo_height else top
+
+
 def draw_faces(image: np.ndarray, faces: pd.DataFrame, side: int) -> tuple[bytes, list[str]]:
     """The photo shrunk to at most `side` pixels, each face's box and label drawn; JPEG bytes and the labels."""
     photo = Image.fromarray(image)
@@ -238,7 +246,7 @@ def draw_faces(image: np.ndarray, faces: pd.DataFrame, side: int) -> tuple[bytes
         draw.rectangle(box, outline=(0, 224, 138), width=line)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         height = bottom - top + 2 * line
-        y = box[1] - height if box[1] >= height else box[3]  # above the box, or below where the top has no room
+        y = label_top(box[1], box[3], height, photo.height)
         draw.rectangle([box[0], y, box[0] + right - left + 2 * line, y + height], fill=(0, 0, 0))
         draw.text((box[0] + line, y + line - top), label, fill=(255, 255, 255), font=font)
     buffer = io.BytesIO()

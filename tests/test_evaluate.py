@@ -236,6 +236,10 @@ def test_gallery_draws_each_face_with_its_interval_and_orders_photos_widest_firs
     assert abs(int(drawn[190, 20, 0]) - 128) < 8
     # The label's dark band sits just above the box.
     assert drawn[45, 160].max() < 60
+    # A face that fills the photo (an aligned face image) has its label inside the top of its box.
+    whole = face.assign(x1=0.0, y1=0.0, x2=600.0, y2=400.0)
+    drawn = np.asarray(Image.open(io.BytesIO(plots.draw_faces(image, whole, side=300)[0])))
+    assert drawn[6, 8].max() < 60 and abs(int(drawn[100, 150, 0]) - 128) < 8
 
 
 # --- the report from real predictions ---

@@ -400,6 +400,10 @@ def test_upload_page_in_chromium_shows_the_predicted_age(server, face_paths, bro
         f"() => [...document.getElementById('canvas').getContext('2d').getImageData({x1}, {(y1 + y2) / 2}, 1, 1).data]"
     )
     assert edge[:3] == [0, 224, 138]  # the box's stroke colour on its left edge
+    band = page.evaluate(
+        f"() => [...document.getElementById('canvas').getContext('2d').getImageData({x1}, {y1 + 1}, 1, 1).data]"
+    )
+    assert max(band[:3]) < 100  # the label's dark band, inside the top of a box that fills the photo
 
 
 def test_a_call_is_made_again_when_its_replica_died_and_a_503_when_every_attempt_did():
