@@ -35,6 +35,15 @@ class Face:
         return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
 
 
+def scale_face(face: Face, scale_x: float, scale_y: float) -> Face:
+    """The face in pixels `scale_x` (`scale_y`) times as large."""
+    x1, y1, x2, y2 = face.box
+    landmarks = None
+    if face.landmarks is not None:
+        landmarks = tuple((x * scale_x, y * scale_y) for x, y in face.landmarks)
+    return Face((x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y), face.score, landmarks)
+
+
 class Detector(Protocol):
     name: str
     uses_gpu: bool  # runs on a GPU where its process can see one
@@ -163,10 +172,12 @@ class YuNet(PerImageDetector):
 
     def _detect_one(self, image: np.ndarray) -> list[Face]:
         height, width = image.shape[:2]
-        faces = self._pass(image, self.coarse_side, self.pad_fraction)
-        if max(height, width) > self.coarse_side:
-            faces = merge_faces(self._pass(image, self.input_side, 0.0), faces, self.overlap)
-        return _visible(faces, width, height)
+        # Both passes shrink the fine pass's image, not the original: shrinking a large frame twice costs more.
+        fine, factor = _scale_to(image, self.input_side)
+        faces = self._pass(fine, self.coarse_side, self.pad_fraction)
+        if max(fine.shape[:2]) > self.coarse_side:
+            faces = merge_faces(self._pass(fine, self.input_side, 0.0), faces, self.overlap)
+        return _visible([scale_face(face, 1 / factor, 1 / factor) for face in faces], width, height)
 
     def _pass(self, image: np.ndarray, max_side: int, pad_fraction: float) -> list[Face]:
         small, factor = _scale_to(image, max_side)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from agepipe.config import CropSettings
-from agepipe.detectors import Detector, Face, clip_box
+from agepipe.detectors import Detector, Face, clip_box, scale_face
 from agepipe.images import ImageError, SourceImage
 
 # A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
@@ -257,15 +257,6 @@ def _detect(sources: list[SourceImage], detector: Detector) -> list[list[Face] |
         else [scale_face(face, s.width / views[i].shape[1], s.height / views[i].shape[0]) for face in found[i]]
         for i, s in enumerate(sources)
     ]
-
-
-def scale_face(face: Face, scale_x: float, scale_y: float) -> Face:
-    """The face in pixels `scale_x` (`scale_y`) times as large."""
-    x1, y1, x2, y2 = face.box
-    landmarks = None
-    if face.landmarks is not None:
-        landmarks = tuple((x * scale_x, y * scale_y) for x, y in face.landmarks)
-    return Face((x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y), face.score, landmarks)
 
 
 def crop_region_side(face: Face, settings: CropSettings, image_shape: tuple[int, ...]) -> float:
