@@ -79,7 +79,8 @@ def test_yolo_path_runs_batched_from_a_model_config() -> None:
     detector = create_detector("yolo", "yolov8n.yaml", min_score=0.0)
     images = [np.full((240, 320, 3), 90, np.uint8), np.full((100, 80, 3), 200, np.uint8)]
     faces = detector.detect(images)
-    assert len(faces) == 2
+    # At min_score 0 the untrained network keeps candidate boxes in every image (ultralytics' cap: 300).
+    assert len(faces) == 2 and all(0 < len(found) <= 300 for found in faces), [len(f) for f in faces]
     for image, found in zip(images, faces, strict=True):
         for face in found:
             x1, y1, x2, y2 = face.box
