@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from wild import evaluate_wild, face_free_set  # noqa: E402
 
 from agepipe.detectors import create_detector  # noqa: E402
+from agepipe.labels import parse_utkface  # noqa: E402
 from agepipe.model import DEFAULT_MODEL  # noqa: E402
 
 
@@ -36,8 +37,17 @@ def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, y
     whole, cut = rows["agepipe, photos: faces whole in the photo"], rows["agepipe, photos: faces cut by the border"]
     assert whole["faces"] + cut["faces"] == photos["faces"] and whole["faces"] > 0
     assert photos["recall"] >= 0.9 and photos["false faces / photo"] <= 0.2
+    # Bounded by what the model measures (the card: MAE 4.75 aligned and 5.03 in the wild, gender 0.94; this
+    # sample of 31 faces: 3.2 aligned, 4.5 in photos, gender 0.97 and 0.94), and against the same faces'
+    # labels: the best constant age (their median, MAE 14.0 here) and the majority gender (0.55 here), which a
+    # near-constant model cannot beat.
+    labels = pd.DataFrame([parse_utkface(p.name) for p in (tmp_path / "aligned").iterdir()])
+    constant_mae = float((labels["age"] - labels["age"].median()).abs().mean())
+    majority = float(labels["gender"].value_counts(normalize=True).max())
+    assert len(labels) == photos["faces"] and constant_mae > 10
     for row in (photos, aligned):
-        assert 0 < row["MAE"] < 15 and 0.3 < row["age-group acc"] <= 1 and 0.5 < row["gender acc"] <= 1
+        assert row["MAE"] < min(7.0, 0.5 * constant_mae), (row, constant_mae)
+        assert 0.5 < row["age-group acc"] <= 1 and max(0.85, majority) < row["gender acc"] <= 1, (row, majority)
         assert 0.5 <= row["interval coverage"] <= 1 and 3 < row["interval width"] < 40
     # The faces found in the photos, their intervals by group (the model card's in-the-wild coverage table).
     found = intervals["photos"]["overall"]["faces"]
