@@ -41,8 +41,6 @@ from agepipe import config, storage
 from agepipe.cluster import init_ray
 from agepipe.config import ServeSettings
 from agepipe.images import ImageError, decode, encode
-from agepipe.model import model_location
-from agepipe.predict import prediction_json
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_FIELD = "file"
@@ -148,6 +146,10 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
 
 def face_json(row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
     """One face of the response: box in source pixels, detector score and the predictions."""
+    # Imported here, as model_location below: they load PyTorch, which the HTTP ingress (it imports
+    # this module too) never needs (about 700 MB less in its process).
+    from agepipe.predict import prediction_json
+
     return {
         "face_index": row["face_index"],
         "box": [round(float(row[k]), 1) for k in ("x1", "y1", "x2", "y2")],
@@ -223,6 +225,8 @@ def with_absolute_paths(settings: ServeSettings) -> ServeSettings:
     overrides = dict(settings.crop_overrides)
     if overrides.get("detector_weights"):
         overrides["detector_weights"] = storage.absolute(overrides["detector_weights"])
+    from agepipe.model import model_location
+
     return dataclasses.replace(settings, model=model_location(settings.model), crop_overrides=overrides)
 
 
