@@ -194,3 +194,10 @@ def test_an_outage_is_found_behind_the_errors_that_wrap_it():
     assert storage.outage_in(FileNotFoundError(2, "no such key")) is None
     assert storage.outage_in(PermissionError(13, "Access Denied")) is None
     assert failure_line("score", PermissionError(13, "Access Denied"), [])[0] == 2
+
+
+def test_debug_gives_the_traceback_instead_of_the_line(tmp_path, capsys):
+    args = ["evaluate", "--predictions", str(tmp_path / "none"), "--output", str(tmp_path / "report")]
+    assert main(args) == 2 and capsys.readouterr().err.startswith("agepipe evaluate: error: ")
+    with pytest.raises(FileNotFoundError):
+        main([*args, "--debug"])
