@@ -254,7 +254,7 @@ def failure_line(command: str, exc: Exception, uris: Sequence[str]) -> tuple[int
             where = ", ".join(uris) or "its storage"
             what = f"{storage.store_of(uris[0] if uris else '')} did not answer for {where}: {storage.reason(outage)}"
         return 3, (
-            f"agepipe {command}: storage unavailable: {what}. Nothing written is lost: "
+            f"agepipe {command}: storage unavailable: {what.rstrip('.')}. Nothing written is lost: "
             f"run the same command again to resume once the store answers"
         )
     if isinstance(exc, ValueError | StorageError | FileNotFoundError | PermissionError | ClusterUnreachable):
