@@ -58,16 +58,18 @@ def yunet(yunet_weights):
 
 
 class RecordingDetector:
-    """YuNet, recording the size of every image it is given."""
+    """A detector, recording its calls and the size of every image it is given."""
 
     def __init__(self, detector) -> None:
         self.detector = detector
         self.name, self.uses_gpu, self.whole_image = detector.name, detector.uses_gpu, detector.whole_image
         self.input_side, self.batch_size = detector.input_side, detector.batch_size
         self.seen: list[tuple[int, ...]] = []
+        self.calls = 0
 
     def detect(self, images):
         self.seen += [image.shape for image in images]
+        self.calls += 1
         return self.detector.detect(images)
 
 
@@ -141,3 +143,15 @@ def test_small_faces_in_a_large_photo_are_found(faces, yunet) -> None:
             side,
         )
     assert len(centres) == len(spots)
+
+
+def test_the_gpu_paths_batched_detector_gets_small_frames_together(faces) -> None:
+    """YOLO (the GPU path's detector; here an untrained one on the CPU) takes a batch's photos in one call,
+    each decoded at its input size or a little over, never at full size; every photo gets its rows."""
+    payloads = [jpeg(phone_photo([face], [(1500, 1200, 300)], seed=i)) for i, face in enumerate(faces[:3])]
+    detector = RecordingDetector(create_detector("yolo", "yolov8n.yaml", min_score=0.0))
+    rows = crop_images(payloads, detector, CropSettings())
+    assert detector.calls == 1 and len(detector.seen) == 3
+    assert all(detector.input_side <= max(shape[:2]) < PHONE_SIZE[0] for shape in detector.seen), detector.seen
+    assert [len(r) for r in rows] == [1, 1, 1]
+    assert all(r[0]["width"] == PHONE_SIZE[0] and r[0]["crop"].shape == (224, 224, 3) for r in rows)
