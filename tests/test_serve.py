@@ -33,7 +33,6 @@ from agepipe.serve import (
     RETRY_AFTER_S,
     ReplicaLost,
     RequestError,
-    autoscaling_config,
     batch_wait_s,
     call_with_retries,
     check_content_length,
@@ -135,8 +134,28 @@ def test_replica_takes_a_gpu_fraction_only_where_the_cluster_has_gpus():
     settings = ServeSettings(num_cpus=1.0, gpu_fraction=0.25)
     assert replica_resources(settings, cluster_gpus=0) == {"num_cpus": 1.0}
     assert replica_resources(settings, cluster_gpus=4) == {"num_cpus": 1.0, "num_gpus": 0.25}
-    scaling = autoscaling_config(ServeSettings(min_replicas=1, max_replicas=3, target_ongoing_requests=4))
-    assert scaling == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
+
+
+def test_the_model_deployment_scales_on_ongoing_requests_per_replica():
+    from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
+
+    from agepipe.serve import application
+
+    ingress = application(ServeSettings(min_replicas=1, max_replicas=3, target_ongoing_requests=4))._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    scaling = model._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+    assert ingress._deployment_config.autoscaling_config is None and ingress._deployment_config.num_replicas == 1
+
+    def desired(requests: int, replicas: int) -> float:
+        """Serve's own replica-queue policy on the deployment's config: the replicas it asks for."""
+        load = SimpleNamespace(
+            current_num_replicas=replicas, target_num_replicas=replicas, total_num_requests=requests, config=scaling
+        )
+        return replica_queue_length_autoscaling_policy(load)[0]
+
+    # 4 ongoing requests a replica: 12 on one replica ask for three, 4 on two for one.
+    assert (desired(12, 1), desired(4, 1), desired(4, 2)) == (3, 1, 1)
 
 
 def test_predict_response_shapes_faces_and_an_image_without_face():
@@ -247,6 +266,11 @@ def test_predict_raw_body_answers_the_contract(server, face_paths):
     [face] = body["faces"]
     assert face["box"] == [0.0, 0.0, 200.0, 200.0]
     assert 0 <= face["age_low"] <= face["age"] <= face["age_high"] <= 100 and body["interval_level"] == 0.9
+    # The face is a 100-year-old man's (its file name), the last of face_paths a 10-year-old boy's.
+    assert face_paths[0].name.startswith("100_0_") and face_paths[-1].name.startswith("10_0_")
+    assert face["age"] > 85 and face["gender"] == "male", face
+    [young] = post_image(server.url + "predict", face_paths[-1].read_bytes()).json()["faces"]
+    assert young["age"] == pytest.approx(10, abs=5) and young["gender"] == "male", young
     assert face["age_std"] is None or face["age_std"] >= 0
     assert face["age_group"] in DEFAULT_AGE_GROUPS
     assert face["gender"] in ("male", "female") and 0.5 <= face["gender_prob"] <= 1
