@@ -279,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status, line = failure_line(args.command, exc, remote_uris(args))
         if not line:
             raise
+        storage.retries_needed()  # ends the job's retry counter, which would outlive it on a cluster
         print(line, file=sys.stderr)
         return status
 
