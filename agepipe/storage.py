@@ -33,8 +33,8 @@ S3_CLIENT_CONFIG = {
     "connect_timeout": 5,
     "read_timeout": 60,
 }
-# s3fs's errors for answers that say the store, not the object, failed: 503 (SlowDown,
-# ServiceUnavailable) and 500 (InternalError).
+# Errors that say the store, not the object, failed: s3fs's for 503 (SlowDown, ServiceUnavailable) and
+# 500 (InternalError), and a connection timed out, refused or reset.
 UNAVAILABLE_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET}
 RETRY_COUNTER_NAMESPACE = "agepipe"
 
