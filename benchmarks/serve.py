@@ -203,17 +203,21 @@ def bad_bodies(face: bytes) -> list[bytes]:
 
 
 def serve_processes() -> dict[str, list[psutil.Process]]:
-    """This soak's Serve processes by role: its deployments' replicas, the HTTP proxy, the controller."""
+    """This soak's Serve processes by role: its deployments' replicas, and the HTTP proxy and controller
+    of the same Ray (workers of one raylet; other Rays on the machine have their own)."""
     roles: dict[str, list[psutil.Process]] = {}
-    for process in psutil.process_iter(["cmdline"]):
+    others: list[tuple[str, psutil.Process]] = []
+    for process in psutil.process_iter(["cmdline", "ppid"]):
         title = (process.info["cmdline"] or [""])[0]
         if title.startswith(f"ray::ServeReplica:{SOAK_APP}:"):
             role = title.removeprefix(f"ray::ServeReplica:{SOAK_APP}:").split(".")[0]
+            roles.setdefault(role, []).append(process)
         elif title.startswith(("ray::ProxyActor", "ray::ServeController")):
-            role = title.removeprefix("ray::").split(".")[0]
-        else:
-            continue
-        roles.setdefault(role, []).append(process)
+            others.append((title.removeprefix("ray::").split(".")[0], process))
+    raylets = {p.info["ppid"] for processes in roles.values() for p in processes}
+    for role, process in others:
+        if process.info["ppid"] in raylets:
+            roles.setdefault(role, []).append(process)
     return roles
 
 
