@@ -40,7 +40,7 @@ from ray.serve.handle import DeploymentHandle
 from agepipe import config, storage
 from agepipe.cluster import init_ray
 from agepipe.config import ServeSettings
-from agepipe.images import ImageError, decode, encode
+from agepipe.images import ImageError, SourceImage, encode
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_FIELD = "file"
@@ -135,13 +135,19 @@ def upload_bytes(body: bytes, content_type: str | None) -> bytes:
     return body
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB pixels of an uploaded image; decoding failures become 4xx RequestErrors."""
+def open_upload(data: bytes, max_pixels: int) -> SourceImage:
+    """An uploaded image with its header read (its pixels are decoded as finely as its crops need); an
+    unusable header becomes a 4xx RequestError."""
     try:
-        return decode(data, max_pixels)
+        return SourceImage(data, max_pixels)
     except ImageError as exc:
-        status = STATUS_BY_IMAGE_ERROR.get(exc.reason, UNUSABLE_IMAGE_STATUS)
-        raise RequestError(status, exc.reason, IMAGE_ERROR_DETAILS.get(exc.reason, str(exc))) from None
+        raise image_request_error(exc.reason, str(exc)) from None
+
+
+def image_request_error(reason: str, detail: str = "") -> RequestError:
+    """The 4xx answer to an image that cannot be decoded for `reason`."""
+    status = STATUS_BY_IMAGE_ERROR.get(reason, UNUSABLE_IMAGE_STATUS)
+    return RequestError(status, reason, IMAGE_ERROR_DETAILS.get(reason, detail or reason))
 
 
 def face_json(row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
@@ -313,8 +319,10 @@ class AgeService:
         return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
     def _decode_and_crop(self, data: bytes) -> list[dict[str, Any]]:
-        image = decode_upload(data, self.predictor.crop.max_pixels)
-        return self.predictor.crop_images([image])[0]
+        rows = self.predictor.crop_images([open_upload(data, self.predictor.crop.max_pixels)])[0]
+        if rows[0]["error"] not in (None, "no_face"):  # a header that reads over pixels that do not
+            raise image_request_error(rows[0]["error"])
+        return rows
 
     async def _faces_of_upload(self, data: bytes) -> list[dict[str, Any]]:
         return await self._in_thread(self.detect_thread, self._decode_and_crop, data)
