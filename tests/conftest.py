@@ -103,6 +103,7 @@ def s3_server(monkeypatch) -> dict[str, str]:
     and returned for clients.
     """
     import socket
+    import urllib.request
 
     from moto.server import ThreadedMotoServer
 
@@ -111,6 +112,8 @@ def s3_server(monkeypatch) -> dict[str, str]:
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
+    # moto keeps its buckets in process-wide state that outlives a server: each test starts from an empty store.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
