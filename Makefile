@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint browser bench
+.PHONY: demo test lint browser docs bench
 
 $(BIN)/agepipe: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ lint: $(BIN)/agepipe
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(BIN)/agepipe browser lint
+# The docs site (mkdocs.yml); --strict makes a broken link, nav entry or docstring reference an error.
+docs: $(BIN)/agepipe
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: $(BIN)/agepipe browser lint docs
 	$(BIN)/pytest -q
 
 bench: $(BIN)/agepipe
