@@ -15,18 +15,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import YUNET, PeakMemory, linked_folder, median, utkface_files, write_results  # noqa: E402
-
-from agepipe import labels as labels_lib  # noqa: E402
-from agepipe import storage  # noqa: E402
-from agepipe.batch import rows_to_table  # noqa: E402
-from agepipe.config import CropJobSettings, CropSettings, LabelSettings  # noqa: E402
-from agepipe.crop import CROP_SCHEMA, crop_rows, run_crop  # noqa: E402
-from agepipe.detectors import create_detector  # noqa: E402
+from agepipe import labels as labels_lib
+from agepipe import storage
+from agepipe.batch import rows_to_table
+from agepipe.config import CropJobSettings, CropSettings, LabelSettings
+from agepipe.crop import CROP_SCHEMA, crop_rows, run_crop
+from agepipe.detectors import create_detector
+from agepipe.peak_memory import PeakMemory
+from agepipe.result_tables import write_results
+from agepipe.shared_data import YUNET, linked_folder, utkface_files
 
 
 def job_settings(input_dir: Path, output: Path, detector: str) -> CropJobSettings:

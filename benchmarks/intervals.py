@@ -1,6 +1,6 @@
 """Age intervals: which adaptive split-conformal interval to ship, measured on the held-out faces.
 
-    .venv/bin/python benchmarks/intervals.py --faces out/faces-valtest [--model agepipe/weights/default.pt]
+    .venv/bin/python benchmarks/intervals.py --faces out/faces-valtest [--model NAME_OR_PATH]
         [--cache out/ages] [--seeds 3]
 
 Each network of the model scores the val and test faces as the crop dataset holds them (aligned, flip TTA
@@ -16,23 +16,34 @@ the fixed band ±(3 + age/4) from issue 37 for reference.
 from __future__ import annotations
 
 import argparse
-import sys
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import held_out_parser, split_crops, write_results  # noqa: E402
-
-from agepipe.calibrate import DEFAULT_LEVEL, FOLDS, conformal_quantile, fit_calibration, fit_curves  # noqa: E402
-from agepipe.metrics import GROUPINGS, interval_summary  # noqa: E402
-from agepipe.model import age_estimate, load_checkpoint, model_input, networks  # noqa: E402
+from agepipe.calibrate import DEFAULT_LEVEL, FOLDS, conformal_quantile, fit_calibration, fit_curves
+from agepipe.metrics import GROUPINGS, interval_summary
+from agepipe.model import DEFAULT_MODEL, age_estimate, load_checkpoint, model_input, networks
+from agepipe.result_tables import write_results
 
 Scale = Callable[[pd.DataFrame], np.ndarray]
+
+
+def split_crops(faces: str, split_file: str, split: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """One split's faces as the crop dataset holds them: their label columns as `metrics` names them, and their
+    crops (RGB uint8)."""
+    splits = pd.read_parquet(split_file)
+    frame = pd.read_parquet(faces, columns=["path", "image", "age", "gender", "race", "age_group", "error"])
+    frame["name"] = frame["path"].str.rsplit("/", n=1).str[-1]
+    frame = frame[frame["error"].isna()].merge(splits.loc[splits["split"] == split, ["name"]], on="name")
+    labels = {"age": "label_age", "gender": "label_gender", "race": "label_race", "age_group": "label_age_group"}
+    frame = frame.rename(columns=labels).reset_index(drop=True)
+    crops = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in frame["image"]]
+    return frame.drop(columns="image"), crops
 
 
 @torch.inference_mode()
@@ -117,7 +128,11 @@ def summary_row(name: str, summary: dict) -> dict:
 
 
 def main() -> None:
-    parser = held_out_parser(__doc__.split("\n")[0], "intervals")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--faces", required=True, help="the crop dataset the model was trained from")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--split", default=str(DEFAULT_MODEL.with_name("default_split.parquet")))
+    parser.add_argument("--results", default="intervals", help="results file name under benchmarks/results")
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL)
     parser.add_argument("--cache", help="path prefix of the scored faces' Parquet files (-val, -test), reused")
     parser.add_argument("--seeds", type=int, default=3, help="fold draws of each fitted kind")

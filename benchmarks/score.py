@@ -20,38 +20,30 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from wild import PHONE, build_photos, match_faces, twin_truth
+from wild import held_out_faces as split_faces
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    UTKFACE,
-    YUNET,
-    PeakMemory,
-    compose_scene,
-    linked_folder,
-    median,
-    run_peer_script,
-    utkface_files,
-    write_results,
-)
-from wild import PHONE, build_photos, match_faces, twin_truth  # noqa: E402
-from wild import held_out_faces as split_faces  # noqa: E402
-
-from agepipe.config import LabelSettings, ScoreSettings  # noqa: E402
-from agepipe.images import SourceImage, decode  # noqa: E402
-from agepipe.labels import parse_utkface  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
-from agepipe.predict import Predictor  # noqa: E402
-from agepipe.score import run_score  # noqa: E402
+from agepipe.config import LabelSettings, ScoreSettings
+from agepipe.images import SourceImage, decode
+from agepipe.labels import parse_utkface
+from agepipe.model import DEFAULT_MODEL
+from agepipe.peak_memory import PeakMemory
+from agepipe.peer import run_peer_script
+from agepipe.predict import Predictor
+from agepipe.result_tables import write_results
+from agepipe.scenes import compose_scene
+from agepipe.score import run_score
+from agepipe.shared_data import UTKFACE, YUNET, linked_folder, utkface_files
 
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out rows also show the other

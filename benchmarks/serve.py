@@ -25,11 +25,9 @@ import json
 import os
 import platform
 import random
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -37,12 +35,12 @@ import psutil
 import ray
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, UTKFACE, YUNET, compose_scene, markdown_table  # noqa: E402
-
 from agepipe.config import ServeSettings
 from agepipe.images import encode
+from agepipe.result_tables import RESULTS_DIR, markdown_table
+from agepipe.scenes import compose_scene
 from agepipe.serve import apply_ray_serve_env, start_server, stop_server
+from agepipe.shared_data import UTKFACE, YUNET
 
 CLIENT_COUNTS = (1, 8, 32)
 BATCH_SIZES = {"on": 16, "off": 1}
@@ -350,9 +348,9 @@ def soak(args: argparse.Namespace) -> None:
         f"{markdown_table(memory_rows, float_format='')}\n\nGrowth from minute 2 to the end: "
         f"{', '.join(f'{role} {value:+.1f}%' for role, value in growth.items())}.\n"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.results}.md").write_text(f"# Serve soak\n\n{text}")
-    (RESULTS / f"{args.results}.json").write_text(
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{args.results}.md").write_text(f"# Serve soak\n\n{text}")
+    (RESULTS_DIR / f"{args.results}.json").write_text(
         json.dumps(
             {"summary": summary, "latency": rows, "statuses": dict(statuses), "memory": memory, "samples": samples},
             indent=2,
@@ -400,7 +398,7 @@ def main() -> None:
         "ray_serve_env": ServeSettings().ray_serve_env,
     }
     table = serving_table(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     notes = (
         f"One replica ({machine['replica_cpus']} CPU) on local Ray, {machine['cpus']} CPUs, clients on the "
         f"same machine; load average before/after: {machine['load_average_before']} / "
@@ -410,8 +408,8 @@ def main() -> None:
     )
     side_notes = "Side by side, faces 200x200 (`--detector none`), 32 clients, batching on, one fresh Ray per mode:\n"
     text = f"{notes}\n{table}\n\n{side_notes}\n{ablation_table(side_by_side)}\n"
-    (RESULTS / f"{args.results}.md").write_text(f"# Serve benchmark\n\n{text}")
-    (RESULTS / f"{args.results}.json").write_text(
+    (RESULTS_DIR / f"{args.results}.md").write_text(f"# Serve benchmark\n\n{text}")
+    (RESULTS_DIR / f"{args.results}.json").write_text(
         json.dumps({"machine": machine, "rows": rows, "side_by_side": side_by_side}, indent=2)
     )
     print(f"\n{text}")

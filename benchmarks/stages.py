@@ -14,26 +14,24 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import cv2
 import torch
+from wild import build_photos, held_out_faces
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import UTKFACE, YUNET, median, write_results  # noqa: E402
-from wild import build_photos, held_out_faces  # noqa: E402
-
-from agepipe.config import CropSettings, ScoreSettings  # noqa: E402
-from agepipe.detectors import create_detector  # noqa: E402
-from agepipe.faces import crop_face  # noqa: E402
-from agepipe.images import decode, encode  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
-from agepipe.predict import Predictor  # noqa: E402
-from agepipe.score import run_score  # noqa: E402
+from agepipe.config import CropSettings, ScoreSettings
+from agepipe.detectors import create_detector
+from agepipe.faces import crop_face
+from agepipe.images import decode, encode
+from agepipe.model import DEFAULT_MODEL
+from agepipe.predict import Predictor
+from agepipe.result_tables import write_results
+from agepipe.score import run_score
+from agepipe.shared_data import UTKFACE, YUNET
 
 
 def timed(work, repeats: int = 3) -> float:

@@ -10,22 +10,19 @@ Each detector runs once at a low threshold; every row keeps the detections scori
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from wild import build_photos, face_free_set, held_out_faces, match_faces
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import UTKFACE, YUNET, write_results  # noqa: E402
-from wild import build_photos, face_free_set, held_out_faces, match_faces  # noqa: E402
-
-from agepipe.config import DETECTOR_MIN_SCORES  # noqa: E402
-from agepipe.detectors import create_detector  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.config import DETECTOR_MIN_SCORES
+from agepipe.detectors import create_detector
+from agepipe.model import DEFAULT_MODEL
+from agepipe.result_tables import write_results
+from agepipe.shared_data import UTKFACE, YUNET
 
 GRIDS = {
     "yunet": (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9),

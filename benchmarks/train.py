@@ -12,24 +12,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import linked_folder, median, utkface_files, write_results  # noqa: E402
-
-from agepipe.augment import image_transform, to_tensors  # noqa: E402
-from agepipe.config import CropJobSettings, CropSettings, LabelSettings, TrainSettings  # noqa: E402
-from agepipe.crop import run_crop  # noqa: E402
-from agepipe.model import AgeModel, freeze_backbone, set_train_mode  # noqa: E402
-from agepipe.train import run_training  # noqa: E402
-from agepipe.train_loop import PRECISIONS, model_config, multitask_loss, network_outputs  # noqa: E402
+from agepipe.augment import image_transform, to_tensors
+from agepipe.config import CropJobSettings, CropSettings, LabelSettings, TrainSettings
+from agepipe.crop import run_crop
+from agepipe.model import AgeModel, freeze_backbone, set_train_mode
+from agepipe.result_tables import write_results
+from agepipe.shared_data import linked_folder, utkface_files
+from agepipe.train import run_training
+from agepipe.train_loop import PRECISIONS, model_config, multitask_loss, network_outputs
 
 
 def plain_loop(settings: TrainSettings, data: Path, images: int) -> float:
