@@ -71,7 +71,7 @@ class OnnxRuntime:
 
     A batch runs through the session `max_batch` faces at a time: onnxruntime's CPU arena grows to
     the largest batch it has run and keeps that memory, and beyond 32 faces a larger batch is no
-    faster (benchmarks/results/onnx-batch-memory.md)."""
+    faster (docs/what-was-tried.md)."""
 
     max_batch = 32
 
