@@ -5,14 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-# The benchmarks' shared helpers (composite photos, the in-the-wild evaluation) serve the tests too.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from helpers import run_cli
 
 from agepipe.config import shared_data_dir

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from common import compose_scene
 
 from agepipe.config import CropSettings
 from agepipe.detectors import DETECTORS, Face, create_detector
 from agepipe.faces import crop_images, square_crop_box
 from agepipe.images import decode
+from agepipe.scenes import compose_scene
 
 
 def test_registry_names() -> None:

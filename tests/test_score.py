@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from common import compose_scene
 from helpers import BAD_INPUT_ERRORS, bad_input_folder, kill_when_files_appear, run_cli
 from PIL import Image
 
@@ -21,6 +20,7 @@ from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import decode
 from agepipe.metrics import interval_summary
 from agepipe.model import DEFAULT_MODEL
+from agepipe.scenes import compose_scene
 from agepipe.score import build_predictor, cropped_rows, run_score, score_rows
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_low", "age_high", "age_group", "gender", "error"}

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
-from common import compose_scene
 from PIL import Image
 from ray.exceptions import ActorDiedError
 
 from agepipe.config import DEFAULT_AGE_GROUPS, ServeSettings
 from agepipe.images import encode
+from agepipe.scenes import compose_scene
 from agepipe.serve import (
     REPLICA_ATTEMPTS,
     RETRY_AFTER_S,
