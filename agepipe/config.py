@@ -209,10 +209,9 @@ def apply_overrides(settings: T, overrides: dict[str, Any], skip_none: bool = Tr
 
 
 # The bundled models' names are agepipe.model.BUNDLED_MODELS.
-MODEL_HELP = "checkpoint path or URI, or a bundled model: default (three networks) or fast (one, twice the speed)"
-# A live endpoint's default is the fast model, since the ensemble halves what one replica serves (README,
-# "Serving"); batch scoring's default is the more accurate ensemble.
-SERVE_MODEL = "fast"
+MODEL_HELP = (
+    "checkpoint path or URI, or a bundled model: fast (one network, the default) or ensemble (three, half the speed)"
+)
 
 INTERVAL_LEVEL_HELP = "level of each age's interval (0.9: 90 percent); unset: the level the model's calibration records"
 
@@ -360,7 +359,7 @@ class ServeSettings:
 
     host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     port: int = setting(8000, help="HTTP port")
-    model: str = setting(SERVE_MODEL, help=MODEL_HELP)
+    model: str | None = setting(None, help=MODEL_HELP)
     crop_overrides: dict[str, Any] = nested(lambda: {"all_faces": True}, flags="crop")
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")

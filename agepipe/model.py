@@ -33,10 +33,10 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The checkpoints that ship with the package, by the name that `--model` (and `--initial-checkpoint`,
 # `--teacher`) take in place of a path; their card is weights/MODEL_CARD.md.
 BUNDLED_MODELS = {
-    "default": WEIGHTS / "default.pt",  # an ensemble of three networks: the most accurate
-    "fast": WEIGHTS / "fast.pt",  # one network (the ensemble's first): twice the scoring speed
+    "fast": WEIGHTS / "fast.pt",  # one network: the default, at twice the ensemble's scoring speed
+    "ensemble": WEIGHTS / "ensemble.pt",  # three networks, the first of them `fast`: 0.07 years closer
 }
-DEFAULT_MODEL = BUNDLED_MODELS["default"]
+BUNDLED_MODELS["default"] = DEFAULT_MODEL = BUNDLED_MODELS["fast"]
 AGE_HEADS = ("distribution", "regression")
 
 
@@ -371,7 +371,9 @@ def require_same_network(checkpoint: dict, config: ModelConfig, uri: str) -> Non
     """Refuse a checkpoint (read from `uri`) whose network has another shape than `config` builds, or an
     ensemble, naming the settings that differ."""
     if checkpoint.get("members"):
-        raise ValueError(f"{uri} is an ensemble: start from one of its member checkpoints (bundled: 'fast')")
+        raise ValueError(
+            f"{uri} is an ensemble: start from one of its member checkpoints (bundled: 'fast', the default)"
+        )
     recorded = from_dict(ModelConfig, checkpoint["model_config"])
     differences = [
         f"{name} {getattr(recorded, name)!r} (these settings: {getattr(config, name)!r})"

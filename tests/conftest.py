@@ -12,7 +12,7 @@ import pytest
 from helpers import run_cli
 
 from agepipe.config import shared_data_dir
-from agepipe.model import BUNDLED_MODELS
+from agepipe.model import DEFAULT_MODEL
 
 # The default model records its YuNet weights by file name; here they come from the shared folder, in
 # every process the tests start (Ray workers, notebook kernels, CLI runs inherit the variable).
@@ -69,10 +69,9 @@ def small_faces(utkface_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    """The bundled `fast` model (what `agepipe serve` serves): the default ensemble runs three networks, and
-    is scored where its numbers are the point (tests/test_score.py's card check, tests/test_predict.py's
-    bundled models). AGEPIPE_TEST_MODEL points these tests at another checkpoint."""
-    path = Path(os.environ.get("AGEPIPE_TEST_MODEL", BUNDLED_MODELS["fast"]))
+    """The bundled default model, one network; the ensemble (three) is scored where its numbers are the point
+    (tests/test_predict.py's bundled models). AGEPIPE_TEST_MODEL points these tests at another checkpoint."""
+    path = Path(os.environ.get("AGEPIPE_TEST_MODEL", DEFAULT_MODEL))
     assert path.is_file(), f"no model checkpoint at {path}"
     return str(path)
 

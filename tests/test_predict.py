@@ -70,16 +70,17 @@ def test_flip_tta_averages_the_face_and_its_mirror(model_path, crops, runtime) -
 
 
 def test_the_bundled_models_are_chosen_by_name(crops) -> None:
-    default, fast = Predictor(), Predictor("fast")
-    assert default.model_uri == str(BUNDLED_MODELS["default"]) and fast.model_uri == str(BUNDLED_MODELS["fast"])
-    assert Predictor("default").model_uri == default.model_uri
-    members = networks(default.model)
+    default, ensemble = Predictor(), Predictor("ensemble")
+    assert default.model_uri == str(BUNDLED_MODELS["fast"]) and ensemble.model_uri == str(BUNDLED_MODELS["ensemble"])
+    assert Predictor("default").model_uri == Predictor("fast").model_uri == default.model_uri
+    fast = default
+    members = networks(ensemble.model)
     assert len(members) == 3 and networks(fast.model) == [fast.model]
     # `fast` is the ensemble's first network, so its predictions are that member's.
     first = members[0].state_dict()
     assert all(torch.equal(first[name], tensor) for name, tensor in fast.model.state_dict().items())
     ages = [face["age"] for face in fast.predict_crops(crops)]
-    assert ages != [face["age"] for face in default.predict_crops(crops)]
+    assert ages != [face["age"] for face in ensemble.predict_crops(crops)]
 
 
 def test_an_unknown_runtime_is_refused_by_name(model_path) -> None:

@@ -24,7 +24,7 @@ from agepipe.scenes import compose_scene
 from agepipe.score import build_predictor, cropped_rows, run_score, score_rows
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_low", "age_high", "age_group", "gender", "error"}
-CARD_METRICS = DEFAULT_MODEL.with_name("default_metrics.json")
+CARD_METRICS = DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.stem}_metrics.json")
 CARD_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 
 
@@ -64,8 +64,10 @@ def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkfac
     # The calibrated 90% intervals hold what the card says, overall and for every age group, gender and race.
     assert ((faces["age_low"] <= faces["age"]) & (faces["age"] <= faces["age_high"])).all()
     intervals = interval_summary(faces)
-    assert 0.87 <= intervals["overall"]["coverage"] <= 0.93 and intervals["overall"]["mean_width"] <= 20
-    assert abs(intervals["overall"]["coverage"] - card["intervals"]["aligned"]["overall"]["coverage"]) <= 0.01
+    card_intervals = card["intervals"]["aligned"]["overall"]
+    assert 0.87 <= intervals["overall"]["coverage"] <= 0.93
+    assert abs(intervals["overall"]["coverage"] - card_intervals["coverage"]) <= 0.01
+    assert abs(intervals["overall"]["mean_width"] - card_intervals["mean_width"]) <= 0.5
     for grouping in ("by_age_group", "by_gender", "by_race"):
         assert min(row["coverage"] for row in intervals[grouping]) >= 0.85, intervals[grouping]
     widths = faces["age_high"] - faces["age_low"]

@@ -285,7 +285,7 @@ def test_a_search_space_names_settings_and_known_samplers() -> None:
     assert set(search_space(TuneSettings().search_space)) == set(DEFAULT_SEARCH_SPACE)
     with pytest.raises(ValueError, match="'learning_rate' is not a training setting"):
         search_space({"learning_rate": {"choice": [0.1]}})
-    with pytest.raises(ValueError, match="one sampler of"):
+    with pytest.raises(ValueError, match="unknown search_space sampler 'normal': use one of choice, grid, loguniform"):
         search_space({"dropout": {"normal": [0.2, 0.1]}})
     with pytest.raises(ValueError, match="with a list"):
         search_space({"dropout": {"uniform": 0.2}})
@@ -297,10 +297,10 @@ def test_fine_tuning_refuses_a_checkpoint_of_another_network_before_it_starts(tm
                       "--backbone", "efficientnet_lite0", "--initial-checkpoint", "fast")  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "holds another network than these settings build: backbone 'mobilenetv2_100'" in refused.stderr
-    # The bundled default is an ensemble: no one network to start from, and the refusal names one that is.
-    ensemble = TrainSettings(data=str(tmp_path / "faces"), output=str(tmp_path / "run"), initial_checkpoint="default")
+    # The bundled ensemble has no one network to start from, and the refusal names one that is.
+    ensemble = TrainSettings(data=str(tmp_path / "faces"), output=str(tmp_path / "run"), initial_checkpoint="ensemble")
     with pytest.raises(
-        ValueError, match=r"is an ensemble: start from one of its member checkpoints \(bundled: 'fast'\)"
+        ValueError, match=r"is an ensemble: start from one of its member checkpoints \(bundled: 'fast', the default\)"
     ):
         check_initial_checkpoint(with_absolute_paths(ensemble))
     assert not (tmp_path / "run").exists(), "a refused run should not have started"
