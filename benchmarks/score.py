@@ -30,8 +30,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from wild import PHONE, build_photos, match_faces, twin_truth
-from wild import held_out_faces as split_faces
 
 from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import SourceImage, decode
@@ -44,6 +42,8 @@ from agepipe.result_tables import write_results
 from agepipe.scenes import compose_scene
 from agepipe.score import run_score
 from agepipe.shared_data import UTKFACE, YUNET, linked_folder, utkface_files
+from agepipe.wild import PHONE, build_photos, match_faces, twin_truth
+from agepipe.wild import held_out_faces as split_faces
 
 DEFAULT_SPLIT = DEFAULT_MODEL.with_name("default_split.parquet")
 FLIP_TTA = ScoreSettings().flip_tta  # the scoring job's default; the held-out rows also show the other

@@ -21,7 +21,6 @@ from statistics import median
 
 import cv2
 import torch
-from wild import build_photos, held_out_faces
 
 from agepipe.config import CropSettings, ScoreSettings
 from agepipe.detectors import create_detector
@@ -32,6 +31,7 @@ from agepipe.predict import Predictor
 from agepipe.result_tables import write_results
 from agepipe.score import run_score
 from agepipe.shared_data import UTKFACE, YUNET
+from agepipe.wild import build_photos, held_out_faces
 
 
 def timed(work, repeats: int = 3) -> float:

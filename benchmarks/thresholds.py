@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from wild import build_photos, face_free_set, held_out_faces, match_faces
 
 from agepipe.config import DETECTOR_MIN_SCORES
 from agepipe.detectors import create_detector
 from agepipe.model import DEFAULT_MODEL
 from agepipe.result_tables import write_results
 from agepipe.shared_data import UTKFACE, YUNET
+from agepipe.wild import build_photos, face_free_set, held_out_faces, match_faces
 
 GRIDS = {
     "yunet": (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9),

@@ -1,9 +1,8 @@
 """Faces in wide photos: no faces on face-free photos at the default thresholds, and the in-the-wild
-evaluation (benchmarks/wild.py) end to end on a small sample."""
+evaluation (agepipe.wild) end to end on a small sample, and its placing and matching of faces."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from wild import evaluate_wild, face_free_set  # noqa: E402
-
-from agepipe.detectors import create_detector  # noqa: E402
-from agepipe.labels import parse_utkface  # noqa: E402
-from agepipe.model import DEFAULT_MODEL  # noqa: E402
+from agepipe.detectors import create_detector
+from agepipe.labels import parse_utkface
+from agepipe.model import DEFAULT_MODEL
+from agepipe.wild import at_border, evaluate_wild, face_free_set, held_out_faces, match_faces, twin_truth
 
 
 @pytest.mark.parametrize("detector", ["yunet", "dlib"])
@@ -30,7 +27,8 @@ def test_face_free_photos_give_no_faces_at_the_default_thresholds(detector, yune
 
 def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, yunet_weights, tmp_path) -> None:
     split = DEFAULT_MODEL.with_name("default_split.parquet")
-    results, intervals = evaluate_wild(tmp_path, 12, 3, "fast", split, with_peer=False)
+    evaluation = evaluate_wild(tmp_path, held_out_faces(split, utkface_dir), 12, 3, "fast")
+    results, intervals = evaluation.rows, evaluation.intervals
     rows = {row["system"]: row for row in results}
     photos, aligned = rows["agepipe, photos"], rows["agepipe, same faces aligned"]
     assert photos["faces"] == aligned["faces"] >= 12
@@ -57,3 +55,31 @@ def test_in_the_wild_evaluation_runs_end_to_end_on_a_small_sample(utkface_dir, y
     names = {Path(p).name for p in (tmp_path / "aligned").iterdir()}
     split_names = pd.read_parquet(split)
     assert names <= set(split_names.loc[split_names["split"] == "test", "name"])
+
+
+def test_each_placed_face_matches_the_nearest_detection_within_a_third_of_its_size_once() -> None:
+    truth = pd.DataFrame(
+        {"path": ["a.jpg", "a.jpg", "b.jpg"], "center_x": [100.0, 104.0, 50.0], "center_y": [100.0] * 3,
+         "face_size": [90.0, 90.0, 60.0], "age": [30, 40, 50]}
+    )  # fmt: skip
+    # a.jpg: one detection 2 px from both faces (the first face claims it), one 40 px off (beyond 90 / 3);
+    # b.jpg: one 10 px from its face.
+    found = pd.DataFrame(
+        {"path": ["a.jpg", "a.jpg", "b.jpg"], "x1": [82.0, 120.0, 40.0], "y1": [80.0, 120.0, 90.0],
+         "x2": [122.0, 160.0, 80.0], "y2": [120.0, 160.0, 110.0], "age": [31.0, 70.0, 48.0]}
+    )  # fmt: skip
+    matched, false_faces = match_faces(truth, found)
+    assert list(matched["pred_age"].fillna(-1)) == [31.0, -1, 48.0]
+    assert false_faces == 1
+
+
+def test_a_face_at_the_border_keeps_its_other_coordinate_and_twins_are_a_quarter_of_the_size(tmp_path) -> None:
+    assert at_border((300.0, 200.0), 20.0, 0, 640, 480) == (20.0, 200.0)
+    assert at_border((300.0, 200.0), 20.0, 1, 640, 480) == (620.0, 200.0)
+    assert at_border((300.0, 200.0), 20.0, 2, 640, 480) == (300.0, 20.0)
+    assert at_border((300.0, 200.0), 20.0, 3, 640, 480) == (300.0, 460.0)
+    truth = pd.DataFrame({"path": ["/x/p.jpg"], "center_x": [400.0], "center_y": [80.0], "face_size": [120.0]})
+    twins = twin_truth(truth, tmp_path)
+    assert twins.iloc[0].to_dict() == {
+        "path": str(tmp_path.resolve() / "p.jpg"), "center_x": 100.0, "center_y": 20.0, "face_size": 30.0
+    }  # fmt: skip
