@@ -17,6 +17,7 @@ from agepipe.config import AgeGroups
 from agepipe.faces import FILL_COLOUR
 from agepipe.labels import GENDERS, group_index
 from agepipe.model import model_input, normalize_uint8, resize_uint8
+from agepipe.registry import Registry
 
 
 class DownUp:
@@ -158,22 +159,23 @@ def wild_augmentation(border_cut: float = 0.0) -> list[Callable[[torch.Tensor], 
     ]
 
 
-AUGMENTATIONS: dict[str, Callable[[], list[Callable[[torch.Tensor], torch.Tensor]]]] = {
-    "basic": basic_augmentation,
-    "photo": photo_augmentation,
-    "wild": wild_augmentation,
-    "wild_cut": functools.partial(wild_augmentation, border_cut=0.2),  # one face in five cut off
-}
+AUGMENTATIONS: Registry[Callable[[], list[Callable[[torch.Tensor], torch.Tensor]]]] = Registry(
+    "augmentation",
+    {
+        "basic": basic_augmentation,
+        "photo": photo_augmentation,
+        "wild": wild_augmentation,
+        "wild_cut": functools.partial(wild_augmentation, border_cut=0.2),  # one face in five cut off
+    },
+)
 
 
 def image_transform(image_size: int, train: bool, augmentation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 CHW tensor -> normalized float tensor; augmentation (by name) only for training."""
     if not train:
         return functools.partial(model_input, size=image_size)
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}: use one of {sorted(AUGMENTATIONS)}")
     return v2.Compose(
-        [functools.partial(resize_uint8, size=image_size), *AUGMENTATIONS[augmentation](), normalize_uint8]
+        [functools.partial(resize_uint8, size=image_size), *AUGMENTATIONS.create(augmentation), normalize_uint8]
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from agepipe import storage
 from agepipe.config import detector_min_score
+from agepipe.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Detector(Protocol):
         ...
 
 
-DETECTORS: dict[str, Callable[..., Detector]] = {}
+DETECTORS: Registry[Callable[..., Detector]] = Registry("detector")
 
 # Where users without a local copy get a detector's weights.
 DETECTOR_WEIGHT_URLS = {
@@ -65,22 +66,12 @@ DETECTOR_WEIGHT_URLS = {
 }
 
 
-def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
-    def add(factory: Callable[..., Detector]) -> Callable[..., Detector]:
-        DETECTORS[name] = factory
-        return factory
-
-    return add
-
-
 def create_detector(
     name: str, weights: str | None = None, min_score: float | None = None, device: str | None = None
 ) -> Detector:
     """A detector by registry name; `weights` is a path or URI where the detector needs one, and
     `min_score` None means the detector's measured default (`config.DETECTOR_MIN_SCORES`)."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}: choose one of {sorted(DETECTORS)}")
-    return DETECTORS[name](weights=weights, min_score=detector_min_score(name, min_score), device=device)
+    return DETECTORS.create(name, weights=weights, min_score=detector_min_score(name, min_score), device=device)
 
 
 def _scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -113,7 +104,7 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
     )
 
 
-@register_detector("none")
+@DETECTORS.register("none")
 class WholeImage:
     """Every image is already an aligned face crop."""
 
@@ -144,7 +135,7 @@ class PerImageDetector:
         raise NotImplementedError
 
 
-@register_detector("yunet")
+@DETECTORS.register("yunet")
 class YuNet(PerImageDetector):
     """OpenCV FaceDetectorYN with YuNet weights (a path or URI to the .onnx file).
 
@@ -211,7 +202,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-@register_detector("dlib")
+@DETECTORS.register("dlib")
 class DlibHog(PerImageDetector):
     """dlib's HOG frontal-face detector: needs no weight file, so a fresh machine works."""
 
@@ -241,7 +232,7 @@ class DlibHog(PerImageDetector):
         return _visible(faces, width, height)
 
 
-@register_detector("yolo")
+@DETECTORS.register("yolo")
 class Yolo:
     """Ultralytics YOLO face model: weights path or URI (`face_yolov8n.pt`) or a model YAML.
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 from agepipe.config import CropSettings
 from agepipe.detectors import Detector, Face, clip_box, scale_face
 from agepipe.images import ImageError, SourceImage
+from agepipe.registry import Registry
 
 # A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
 # the image is filled with ImageNet's mean colour, which the network's input normalization turns into
@@ -87,11 +88,9 @@ def clamped_transform(face: Face, margin: float, size: int, image_shape: tuple[i
     return _square_transform(left, top, side, size)
 
 
-CROP_GEOMETRIES: dict[str, Callable[[Face, float, int, tuple[int, ...]], np.ndarray]] = {
-    "box": box_transform,
-    "landmarks": landmark_transform,
-    "clamped": clamped_transform,
-}
+CROP_GEOMETRIES: Registry[Callable[[Face, float, int, tuple[int, ...]], np.ndarray]] = Registry(
+    "crop geometry", {"box": box_transform, "landmarks": landmark_transform, "clamped": clamped_transform}
+)
 
 
 def warp_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -144,9 +143,7 @@ def _square_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[n
 
 def crop_transform(face: Face, settings: CropSettings, image_shape: tuple[int, ...]) -> np.ndarray:
     """The affine transform from source pixels to the face's crop, by `settings.geometry`."""
-    if settings.geometry not in CROP_GEOMETRIES:
-        raise ValueError(f"unknown crop geometry {settings.geometry!r}: choose one of {sorted(CROP_GEOMETRIES)}")
-    return CROP_GEOMETRIES[settings.geometry](face, settings.margin, settings.size, image_shape)
+    return CROP_GEOMETRIES.create(settings.geometry, face, settings.margin, settings.size, image_shape)
 
 
 def crop_face(image: np.ndarray, face: Face, settings: CropSettings) -> tuple[np.ndarray, tuple]:

@@ -13,13 +13,15 @@ import contextlib
 import io
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from agepipe.config import CropSettings
+from agepipe.registry import Registry
 
 # The pixel limit is enforced in `decode`; PIL's own limit would only warn below 2x.
 Image.MAX_IMAGE_PIXELS = None
@@ -170,16 +172,21 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+# PIL's save options per crop encoding, from the JPEG quality: JPEG without chroma subsampling, PNG lossless.
+ENCODINGS: Registry[Callable[[int], dict[str, Any]]] = Registry(
+    "encoding",
+    {
+        "jpeg": lambda quality: {"format": "JPEG", "quality": quality, "subsampling": 0},
+        "png": lambda quality: {"format": "PNG", "compress_level": 1},
+    },
+)
+
+
 def encode(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 95) -> bytes:
     """Encode an RGB uint8 array as JPEG (high quality) or lossless PNG."""
     if rgb.dtype != np.uint8:
         raise TypeError(f"encode expects uint8 pixels, got {rgb.dtype}")
+    options = ENCODINGS.create(encoding, quality)
     buffer = io.BytesIO()
-    image = Image.fromarray(rgb, "RGB")
-    if encoding == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality, subsampling=0)
-    elif encoding == "png":
-        image.save(buffer, format="PNG", compress_level=1)
-    else:
-        raise ValueError(f"unknown encoding {encoding!r}: use jpeg or png")
+    Image.fromarray(rgb, "RGB").save(buffer, **options)
     return buffer.getvalue()

@@ -16,6 +16,7 @@ import pandas as pd
 
 from agepipe import storage
 from agepipe.config import AgeGroups, LabelSettings
+from agepipe.registry import Registry
 
 GENDERS = ("male", "female")
 RACES = ("White", "Black", "Asian", "Indian", "Others")
@@ -82,11 +83,11 @@ def parse_imdb_wiki(uri: str) -> Labels:
     return {"age": float(taken - birth)}
 
 
-LABEL_PARSERS: dict[str, Callable[[str], Labels]] = {
-    "utkface": parse_utkface,
-    "imdb": parse_imdb_wiki,
-    "none": lambda uri: {},
-}
+LABEL_PARSERS: Registry[Callable[[str], Labels]] = Registry(
+    "labels",
+    {"utkface": parse_utkface, "imdb": parse_imdb_wiki, "none": lambda uri: {}},
+    alternative="a .csv/.parquet table",
+)
 
 
 def table_labels(table_uri: str, input_root: str) -> Callable[[str], Labels]:
@@ -142,11 +143,9 @@ def _gender(value: object) -> str | None:
 
 def label_source(settings: LabelSettings, input_root: str) -> Callable[[str], Labels]:
     """The function that labels an image URI, per `settings.kind`."""
-    if settings.kind in LABEL_PARSERS:
-        return LABEL_PARSERS[settings.kind]
     if settings.kind.lower().endswith((".csv", ".parquet")):
         return table_labels(settings.kind, input_root)
-    raise ValueError(f"unknown labels {settings.kind!r}: use one of {sorted(LABEL_PARSERS)} or a .csv/.parquet table")
+    return LABEL_PARSERS[settings.kind]
 
 
 def finalize(labels: Labels, settings: LabelSettings) -> Labels:

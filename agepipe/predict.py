@@ -28,6 +28,7 @@ from agepipe.faces import arrow_fields, crop_images
 from agepipe.images import SourceImage
 from agepipe.labels import GENDERS
 from agepipe.model import AgeNetwork, ModelConfig, age_estimate, load_checkpoint, mixture, model_input, model_location
+from agepipe.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,9 @@ class OnnxRuntime:
 
 
 OUTPUT_NAMES = ["age", "group", "gender"]
-RUNTIMES: dict[str, Callable[[AgeNetwork, torch.device], Callable[[torch.Tensor], dict[str, torch.Tensor]]]] = {
-    "torch": TorchRuntime,
-    "onnx": OnnxRuntime,
-}
+RUNTIMES: Registry[Callable[[AgeNetwork, torch.device], Callable[[torch.Tensor], dict[str, torch.Tensor]]]] = Registry(
+    "runtime", {"torch": TorchRuntime, "onnx": OnnxRuntime}
+)
 
 
 def default_runtime(device: torch.device) -> str:
@@ -154,9 +154,7 @@ class Predictor:
         self.model: AgeNetwork | None = model.to(self.device)
         self.config: ModelConfig = model.config
         self.runtime_name = runtime or default_runtime(self.device)
-        if self.runtime_name not in RUNTIMES:
-            raise ValueError(f"unknown runtime {self.runtime_name!r}: use one of {sorted(RUNTIMES)}")
-        self.runtime = RUNTIMES[self.runtime_name](self.model, self.device)
+        self.runtime = RUNTIMES.create(self.runtime_name, self.model, self.device)
         self.flip_tta = flip_tta
         self.batch_size = batch_size
         self.checkpoint_info = {k: checkpoint.get(k) for k in ("val_mae", "epoch")}

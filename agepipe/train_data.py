@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from agepipe import storage
 from agepipe.config import AgeGroups, TrainSettings
 from agepipe.labels import group_index
+from agepipe.registry import Registry
 
 LABEL_COLUMNS = ["path", "face_index", "age", "gender", "race", "error", "detector"]
 
@@ -83,19 +84,20 @@ def smoothed_age_density(ages: np.ndarray, max_age: int, sigma: float = 2.0) -> 
 # "sqrt_inverse" by the density's inverse square root (Yang et al. 2021, "Delving into Deep Imbalanced
 # Regression"), so that the crowded 20s and 30s pull the estimates of rarer ages toward them less;
 # "fourth_root_inverse" half as strongly (in log weight), for a milder trade between crowded and rare ages.
-AGE_WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": np.ones_like,
-    "sqrt_inverse": lambda density: np.maximum(density, 1.0) ** -0.5,
-    "fourth_root_inverse": lambda density: np.maximum(density, 1.0) ** -0.25,
-}
+AGE_WEIGHTINGS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry(
+    "age weighting",
+    {
+        "none": np.ones_like,
+        "sqrt_inverse": lambda density: np.maximum(density, 1.0) ** -0.5,
+        "fourth_root_inverse": lambda density: np.maximum(density, 1.0) ** -0.25,
+    },
+)
 
 
 def age_loss_weights(ages: np.ndarray, max_age: int, weighting: str) -> np.ndarray:
     """The age loss's weight per year of age 0..max_age for the training faces' `ages` (one entry per face
     as trained, copies included), scaled so that their mean weight is 1: the loss keeps its size."""
-    if weighting not in AGE_WEIGHTINGS:
-        raise ValueError(f"unknown age weighting {weighting!r}: choose one of {sorted(AGE_WEIGHTINGS)}")
-    weights = AGE_WEIGHTINGS[weighting](smoothed_age_density(ages, max_age))
+    weights = AGE_WEIGHTINGS.create(weighting, smoothed_age_density(ages, max_age))
     return weights / weights[age_years(ages, max_age)].mean()
 
 

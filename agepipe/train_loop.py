@@ -32,6 +32,7 @@ from agepipe.model import (
     set_train_mode,
     unwrap,
 )
+from agepipe.registry import Registry
 
 
 def age_targets(ages: torch.Tensor, max_age: int, sigma: float) -> torch.Tensor:
@@ -106,7 +107,7 @@ def multitask_loss(
 
 
 # The dtype torch.autocast runs the network in, by `TrainSettings.precision`; None: float32 throughout.
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS: Registry[torch.dtype | None] = Registry("precision", {"fp32": None, "bf16": torch.bfloat16})
 
 
 def network_outputs(model: nn.Module, images: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
@@ -156,7 +157,7 @@ def plateau_schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings, 
     )
 
 
-LR_SCHEDULES = {"cosine": cosine_schedule, "plateau": plateau_schedule}
+LR_SCHEDULES = Registry("lr schedule", {"cosine": cosine_schedule, "plateau": plateau_schedule})
 
 
 def step_schedule(scheduler: Any, val_mae: float) -> None:
@@ -190,10 +191,8 @@ class PhaseState:
         trainable = [p for p in model.parameters() if p.requires_grad]
         lr = settings.phase1_lr if phase == 1 else settings.phase2_lr
         self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=settings.weight_decay)
-        if settings.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule {settings.lr_schedule!r}: use one of {sorted(LR_SCHEDULES)}")
         epochs = settings.phase1_epochs if phase == 1 else settings.phase2_epochs
-        self.scheduler = LR_SCHEDULES[settings.lr_schedule](self.optimizer, settings, epochs)
+        self.scheduler = LR_SCHEDULES.create(settings.lr_schedule, self.optimizer, settings, epochs)
         self.warmup = warmup_schedule(self.optimizer, warmup_steps)
 
     def state_dict(self) -> dict[str, Any]:

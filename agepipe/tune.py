@@ -17,6 +17,7 @@ from ray import tune
 from agepipe import storage
 from agepipe.config import TrainSettings, TuneSettings, from_dict, to_dict
 from agepipe.model import NETWORK_SHAPE_FIELDS
+from agepipe.registry import Registry
 from agepipe.train import (
     calibrate_run,
     export_checkpoint,
@@ -32,14 +33,17 @@ from agepipe.train_loop import PLACEMENT_GROUP_ID
 TRIAL_DRIVER_CPUS = 0.01
 
 
-SEARCH_SAMPLERS: dict[str, Callable[[list], Any]] = {
-    # Bounds as numbers: YAML reads 1e-4 (no dot) as a string.
-    "uniform": lambda args: tune.uniform(*map(float, args)),
-    "loguniform": lambda args: tune.loguniform(*map(float, args)),
-    "randint": lambda args: tune.randint(*map(int, args)),
-    "choice": tune.choice,
-    "grid": tune.grid_search,
-}
+SEARCH_SAMPLERS: Registry[Callable[[list], Any]] = Registry(
+    "search_space sampler",
+    {
+        # Bounds as numbers: YAML reads 1e-4 (no dot) as a string.
+        "uniform": lambda args: tune.uniform(*map(float, args)),
+        "loguniform": lambda args: tune.loguniform(*map(float, args)),
+        "randint": lambda args: tune.randint(*map(int, args)),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    },
+)
 
 
 def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -51,13 +55,10 @@ def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name, sampler in spec.items():
         if name not in searchable:
             raise ValueError(f"search_space: {name!r} is not a training setting that a flag sets")
-        one = isinstance(sampler, dict) and len(sampler) == 1
-        kind, arguments = next(iter(sampler.items())) if one else (None, None)
-        if kind not in SEARCH_SAMPLERS or not isinstance(arguments, list):
-            raise ValueError(
-                f"search_space: {name} needs one sampler of {sorted(SEARCH_SAMPLERS)} with a list, got {sampler!r}"
-            )
-        space[name] = SEARCH_SAMPLERS[kind](arguments)
+        if not (isinstance(sampler, dict) and len(sampler) == 1 and isinstance(next(iter(sampler.values())), list)):
+            raise ValueError(f"search_space: {name} needs one sampler with a list, got {sampler!r}")
+        [(kind, arguments)] = sampler.items()
+        space[name] = SEARCH_SAMPLERS.create(kind, arguments)
     return space
 
 
