@@ -354,6 +354,25 @@ class CalibrateSettings:
 
 
 @dataclass
+class CardSettings:
+    """A model card for any checkpoint: its metrics on its held-out test split, aligned and in photos, its
+    fairness tables, intervals, recipe and settings (`agepipe.card`)."""
+
+    model: str | None = setting(None, help=MODEL_HELP)
+    output: str = setting(
+        "", help="folder for MODEL_CARD.md, the metrics file and the evaluation report", required=True
+    )
+    split: str | None = setting(
+        None, help="the model's split file; unset: split.parquet beside the checkpoint, or the bundled models' split"
+    )
+    images: str | None = setting(None, help="folder of the split's UTKFace images; unset: the shared folder's")
+    faces: int | None = setting(None, help="measure on a sample of this many test faces (a quick card); unset: all")
+    wild_photos: int = setting(1100, help="photos of the in-the-wild evaluation (1100 place every bundled test face)")
+    seed: int = setting(0, help="seed of the photos and of the face sample")
+    recompute: bool = setting(False, help="measure even where metrics stored beside the checkpoint record it")
+
+
+@dataclass
 class ServeSettings:
     """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
 
