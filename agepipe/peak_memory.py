@@ -75,7 +75,9 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._tree(self._cpu)
+        # A last CPU reading; a watched process that has ended and been reaped has none to give.
+        with contextlib.suppress(psutil.Error):
+            self._tree(self._cpu)
 
     @property
     def peak_mib(self) -> float:
