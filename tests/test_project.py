@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,19 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+README_MAX_LINES = 200  # what a newcomer reads in five minutes; the rest belongs in docs/
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_readme_is_short_and_its_relative_links_point_at_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    targets = [link.split("#")[0] for link in MARKDOWN_LINK.findall(readme) if not re.match(r"[a-z]+:|#", link)]
+    assert "docs/getting-started.md" in targets
+    missing = [target for target in targets if not (ROOT / target).is_file()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("job", ["crop_faces", "train", "tune", "score", "evaluate", "serve", "calibrate"])
