@@ -100,7 +100,7 @@ def measure(settings: CardSettings, location: str, checkpoint: dict, scratch: Pa
     if settings.faces:
         faces = faces.sample(min(settings.faces, len(faces)), random_state=settings.seed)
     test_images = linked_folder([Path(source) for source in faces["source"]], scratch / "test-split")
-    scored(test_images, scratch / "test-scores", location, every_face=False)
+    aligned = scored(test_images, scratch / "test-scores", location, every_face=False)
     report = run_evaluate(
         EvaluateSettings(
             predictions=str(scratch / "test-scores"),
@@ -109,7 +109,7 @@ def measure(settings: CardSettings, location: str, checkpoint: dict, scratch: Pa
             model=location,
         )
     )
-    wild = evaluate_wild(scratch / "wild", faces, settings.wild_photos, settings.seed, location)
+    wild = evaluate_wild(scratch / "wild", faces, settings.wild_photos, settings.seed, location, aligned)
     return {
         "test": report["metrics"],
         "test_flip_tta": ScoreSettings().flip_tta,

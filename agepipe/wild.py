@@ -369,14 +369,18 @@ class WildEvaluation:
     truth: pd.DataFrame = field(repr=False)
 
 
-def evaluate_wild(folder: Path, faces: pd.DataFrame, photos: int, seed: int, model: str | None) -> WildEvaluation:
+def evaluate_wild(
+    folder: Path, faces: pd.DataFrame, photos: int, seed: int, model: str | None, aligned: pd.DataFrame | None = None
+) -> WildEvaluation:
     """Build `photos` photos from `faces` (`held_out_faces`) under `folder`, score them with every face and the
-    placed faces' images aligned, with `model` (a checkpoint path or URI, a bundled name, None the default)."""
+    placed faces' images aligned, with `model` (a checkpoint path or URI, a bundled name, None the default).
+    `aligned`: the scoring job's rows of the faces' images scored aligned already, reused by file name."""
     groups = AgeGroups()
     truth = build_photos(faces, folder / "photos", photos, seed)
     matched, false_faces = match_faces(truth, scored(folder / "photos", folder / "scores", model, every_face=True))
-    sources = linked_folder([Path(p) for p in truth["source"]], folder / "aligned")
-    aligned = scored(sources, folder / "aligned-scores", model, every_face=False)
+    if aligned is None:
+        sources = linked_folder([Path(p) for p in truth["source"]], folder / "aligned")
+        aligned = scored(sources, folder / "aligned-scores", model, every_face=False)
     joined = with_sources(truth, aligned)
     rows = [
         {"system": "agepipe, photos", **face_metrics(matched, false_faces, photos, groups)},
