@@ -1,121 +1,50 @@
-"""`agepipe <stage>`: the command line. It parses arguments and calls the library."""
+"""`agepipe <stage>`: the command line. It parses arguments and calls the library.
+
+tyro builds each command's flags from its settings dataclass in `config`: the help from the fields,
+their defaults shown. tyro rather than jsonargparse (both tried): tyro flattens nested settings into the
+flags the design's contracts name (`--detector`, `--labels`; jsonargparse gives `--crop.detector`), and
+takes a default instance, which is how a `--config` YAML file sits between the defaults and the flags.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import logging
+import pkgutil
 import sys
-import typing
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import tyro
 
 from agepipe import config, storage
 from agepipe.cluster import ClusterUnreachable, quiet_ray_data_failures
+from agepipe.config import setting
 from agepipe.storage import StorageError, StorageUnavailable
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+DESCRIPTION = "Facial age estimation at scale on Ray."
+# Flags that changed with the move to tyro: each is refused with the flag that does the same now.
+RENAMED_FLAGS = {"--train-batchnorm": "--no-freeze-batchnorm", "--largest-face-only": "--no-all-faces"}
+TYRO_MARKERS = (tyro.conf.OmitArgPrefixes,)  # a nested dataclass's flags are the command's own
+
+SettingsT = TypeVar("SettingsT")
 
 
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
-    def register(run: Callable[[argparse.Namespace], int]) -> Callable:
-        COMMANDS[name] = (add_arguments, run)
-        return run
+@dataclass
+class CommonOptions:
+    """The options of every command."""
 
-    return register
-
-
-def _choices(spec: str | tuple[str, ...] | None) -> list[str] | None:
-    """A field's choices: a tuple, or the keys of a registry named "module:NAME"."""
-    if spec is None or isinstance(spec, tuple):
-        return None if spec is None else list(spec)
-    module, name = spec.split(":")
-    return sorted(getattr(importlib.import_module(module), name))
+    config: str | None = setting(None, help="YAML file of settings (the flags given override it)")
+    debug: bool = setting(False, help="on a failure, the full traceback, not one line")
 
 
-def _flag_type(hint: Any) -> type:
-    """int, float, str or bool from a field's annotation (`int | None` gives int)."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    return options[0]
+@dataclass
+class Invocation(Generic[SettingsT]):
+    """A command's settings and the options every command has."""
 
-
-def _help(field: dataclasses.Field, kind: type, overridden: dict | None) -> str:
-    """The field's help and its default; for a model's crop overrides, the override's default or the
-    model's own setting."""
-    text = field.metadata["help"]
-    default = field.default
-    if overridden is not None:
-        if field.name not in overridden:
-            return f"{text} (default: as the model's checkpoint records it)"
-        default = overridden[field.name]
-    if kind is bool:
-        shown = "off" if default is field.metadata["negate"] else "on"
-        return f"{text} (default: {shown})" if default is not None else text
-    if default in (None, "", dataclasses.MISSING) or field.metadata["required"]:
-        return text
-    return f"{text} (default: {default})"
-
-
-def _own_flag(field: dataclasses.Field) -> str:
-    return "--" + field.name.replace("_", "-")
-
-
-def flag_for(field: dataclasses.Field, value: Any) -> str:
-    """The command-line text that sets `field` to `value` (what `add_setting_flags` parses)."""
-    name = field.metadata["flag"] or _own_flag(field)
-    if not isinstance(value, bool):
-        return f"{name} {value}"
-    if field.metadata["negate"]:
-        return name if value is False else _own_flag(field)
-    return name if value else "--no-" + name[2:]
-
-
-def add_setting_flags(
-    parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, overridden: dict | None = None
-) -> None:
-    """One flag per `config.setting` field of `cls` and of the settings nested in it; each flag's dest
-    is the field's dotted key (`crop.margin`, `crop_overrides.margin`), set only where it is given.
-    `overridden` (a crop_overrides dict's default) marks CropSettings flags that override a model's."""
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        nested = field.metadata.get("flags")
-        if nested == "fields":
-            add_setting_flags(parser, hints[field.name], f"{prefix}{field.name}.")
-            continue
-        if nested == "crop":
-            add_setting_flags(parser, config.CropSettings, f"{prefix}{field.name}.", overridden=field.default_factory())
-            continue
-        if "help" not in field.metadata or (field.metadata["crop_job_only"] and overridden is not None):
-            continue
-        kind = _flag_type(hints[field.name])
-        name = field.metadata["flag"] or _own_flag(field)
-        options: dict[str, Any] = {"dest": prefix + field.name, "help": _help(field, kind, overridden)}
-        if field.metadata["required"]:
-            options["required"] = True
-        if kind is bool and field.metadata["negate"]:
-            # The flag sets the field False; the field's own name, the opposite.
-            parser.add_argument(name, action="store_const", const=False, **options)
-            plain = {"dest": options["dest"], "help": "the opposite of " + name}
-            parser.add_argument(_own_flag(field), action="store_const", const=True, **plain)
-            continue
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            none_word = field.metadata["none_word"]
-            options["type"] = lambda v, t=kind, w=none_word: None if v == w else t(v)
-            choices = _choices(field.metadata["choices"])
-            if choices:
-                options["choices"] = choices
-            else:
-                options["metavar"] = kind.__name__.upper()
-        parser.add_argument(name, **options)
-
-
-def settings_from_args(cls: type[config.T], args: argparse.Namespace) -> config.T:
-    """Defaults, then `--config` YAML, then the flags given: the same order for every command."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
-    return config.apply_overrides(config.load(cls, getattr(args, "config", None)), given, skip_none=False)
+    settings: SettingsT
+    options: CommonOptions = field(default_factory=CommonOptions)
 
 
 def job_line(summary: Any, title: str) -> str:
@@ -129,64 +58,14 @@ def evaluate_line(result: dict[str, Any]) -> str:
     return f"evaluate: {result['coverage']['faces']} faces{mae}; report at {result['report']}"
 
 
-# A pipeline command: its settings (and so its flags), the library function that runs it ("module:name",
-# imported only when the command runs), and the line printed from what that function returns.
-SETTINGS_COMMANDS: dict[str, tuple[type, str, Callable[[Any], str] | None]] = {
-    "crop": (config.CropJobSettings, "agepipe.crop:run_crop", lambda summary: job_line(summary, "crop")),
-    "score": (config.ScoreSettings, "agepipe.score:run_score", lambda summary: job_line(summary, "score")),
-    "train": (config.TrainSettings, "agepipe.train:run_training", lambda result: f"train: {result}"),
-    "evaluate": (config.EvaluateSettings, "agepipe.evaluate:run_evaluate", evaluate_line),
-    "tune": (config.TuneSettings, "agepipe.tune:run_tune", lambda result: f"tune: {result}"),
-    "calibrate": (config.CalibrateSettings, "agepipe.calibrate:run_calibrate", str),
-    "card": (config.CardSettings, "agepipe.card:write_card", lambda written: f"card: {written}"),
-    "serve": (config.ServeSettings, "agepipe.serve:run_server", None),
-}
-
-
-def run_settings_command(name: str, args: argparse.Namespace) -> int:
-    cls, target, describe = SETTINGS_COMMANDS[name]
-    module, function = target.split(":")
-    result = getattr(importlib.import_module(module), function)(settings_from_args(cls, args))
-    if describe is not None:
-        print(describe(result))
-    return 0
-
-
-for _name, (_cls, _, _) in SETTINGS_COMMANDS.items():
-    COMMANDS[_name] = (
-        lambda parser, cls=_cls: add_setting_flags(parser, cls),
-        lambda args, name=_name: run_settings_command(name, args),
-    )
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        nargs="+",
-        help="checkpoint to export (path or URI); several, trained on the same crops with one model config, "
-        "are exported as one ensemble that scores with the mean of their ages and probabilities",
-    )
-    parser.add_argument("--output", required=True, help="where to write the shareable checkpoint")
-    parser.add_argument(
-        "--full-precision", action="store_true", default=False, help="keep float32 weights (default fp16)"
-    )
-    parser.add_argument(
-        "--calibration-data",
-        help="crop dataset with labels to calibrate the age intervals on (`agepipe calibrate --data`); unset: the "
-        "one the networks record training on, where it exists",
-    )
-
-
-@command("export", add_export_arguments)
-def run_export_command(args: argparse.Namespace) -> int:
+def export_model(settings: config.ExportSettings) -> str:
+    """`agepipe export`: a shareable checkpoint, calibrated where it can be."""
     from agepipe.model import export_for_sharing
 
-    crop = export_for_sharing(args.model, args.output, half=not args.full_precision)
-    what = f"an ensemble of {len(args.model)} models" if len(args.model) > 1 else "the model"
-    print(f"export: wrote {what} to {args.output} (crop settings {crop})")
-    print(f"export: {calibrate_export(args.output, getattr(args, 'calibration_data', None))}")
-    return 0
+    crop = export_for_sharing(list(settings.model), settings.output, half=not settings.full_precision)
+    what = f"an ensemble of {len(settings.model)} models" if len(settings.model) > 1 else "the model"
+    calibration = calibrate_export(settings.output, settings.calibration_data)
+    return f"export: wrote {what} to {settings.output} (crop settings {crop})\nexport: {calibration}"
 
 
 def calibrate_export(output: str, data: str | None) -> str:
@@ -209,37 +88,81 @@ def calibrate_export(output: str, data: str | None) -> str:
     return describe(calibrate_checkpoint(output, data))
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="out/demo", help="folder for the demo's photos and results")
+def demo_lines(result: dict[str, Any]) -> str:
+    return f"\n{result['summary'].render('score')}\n\n{result['faces']}\n\nreport: {result['report']}"
 
 
-@command("demo", add_demo_arguments)
-def run_demo_command(args: argparse.Namespace) -> int:
-    from agepipe.demo import run_demo
-
-    result = run_demo(args.output)
-    print(f"\n{result['summary'].render('score')}\n\n{result['faces']}\n\nreport: {result['report']}")
-    return 0
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every command; with `only`, the flags of that one command alone: a command's choices come from
-    registries whose modules import PyTorch, which `agepipe crop` and `agepipe --help` need not wait for."""
-    parser = argparse.ArgumentParser(prog="agepipe", description="Facial age estimation at scale on Ray.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, _) in COMMANDS.items():
-        # Flags not given stay out of the namespace, so that a given flag may set None (`--pretrained none`).
-        sub = subparsers.add_parser(name, argument_default=argparse.SUPPRESS)
-        if only in (None, name):
-            sub.add_argument("--config", help="YAML file of settings (the flags given override it)")
-            sub.add_argument("--debug", action="store_true", help="on a failure, the full traceback, not one line")
-            add_arguments(sub)
-    return parser
+# A command: its settings (and so its flags), the library function that runs it (as "module:function", imported
+# only when the command runs: most import PyTorch, which `agepipe crop` and `--help` need not wait for), and
+# the line printed from what that function returns.
+COMMANDS: dict[str, tuple[type, str | Callable[[Any], Any], Callable[[Any], str] | None]] = {
+    "crop": (config.CropJobSettings, "agepipe.crop:run_crop", lambda summary: job_line(summary, "crop")),
+    "score": (config.ScoreSettings, "agepipe.score:run_score", lambda summary: job_line(summary, "score")),
+    "train": (config.TrainSettings, "agepipe.train:run_training", lambda result: f"train: {result}"),
+    "evaluate": (config.EvaluateSettings, "agepipe.evaluate:run_evaluate", evaluate_line),
+    "tune": (config.TuneSettings, "agepipe.tune:run_tune", lambda result: f"tune: {result}"),
+    "calibrate": (config.CalibrateSettings, "agepipe.calibrate:run_calibrate", str),
+    "card": (config.CardSettings, "agepipe.card:write_card", lambda written: f"card: {written}"),
+    "serve": (config.ServeSettings, "agepipe.serve:run_server", None),
+    "export": (config.ExportSettings, export_model, str),
+    "demo": (config.DemoSettings, "agepipe.demo:run_demo", demo_lines),
+}
 
 
-def remote_uris(args: argparse.Namespace) -> list[str]:
+def flag_for(field: dataclasses.Field, value: Any) -> str:
+    """The command-line text that sets `field` to `value` (a field whose flag is its name)."""
+    flag = "--" + field.name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def _missing_where_required(settings: Any) -> Any:
+    """`settings` with each required field that nothing set marked as tyro's MISSING, nested ones too:
+    the command line then asks for it."""
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            _missing_where_required(value)
+        elif item.metadata.get("required") and value == item.default:
+            setattr(settings, item.name, tyro.MISSING)
+    return settings
+
+
+def parse(argv: Sequence[str]) -> tuple[str, Invocation]:
+    """The command named first in `argv` and its settings: the dataclass defaults, then the `--config`
+    file's, then the flags given: the same order for every command."""
+    if not argv or argv[0] not in COMMANDS:  # the commands' list, or tyro's error that names them
+        commands = {name: settings for name, (settings, _, _) in COMMANDS.items()}
+        tyro.extras.subcommand_cli_from_dict(commands, prog="agepipe", description=DESCRIPTION, args=argv)
+    command, flags = argv[0], list(argv[1:])
+    for old, new in RENAMED_FLAGS.items():
+        if old in flags:
+            print(f"agepipe {command}: error: {old} is now {new}", file=sys.stderr)
+            raise SystemExit(2)
+    cls = COMMANDS[command][0]
+    without_help = [flag for flag in flags if flag not in ("-h", "--help")]
+    options, _ = tyro.cli(CommonOptions, args=without_help, return_unknown_args=True, add_help=False)
+    defaults = Invocation(_missing_where_required(config.load(cls, options.config)), options)
+    prog = f"agepipe {command}"
+    invocation = tyro.cli(
+        Invocation[cls], args=flags, default=defaults, prog=prog, description=cls.__doc__, config=TYRO_MARKERS
+    )
+    return command, invocation
+
+
+def setting_values(settings: Any) -> Iterator[Any]:
+    """Every value of a settings dataclass, those of the settings nested in it too."""
+    for value in vars(settings).values():
+        if dataclasses.is_dataclass(value):
+            yield from setting_values(value)
+        else:
+            yield value
+
+
+def remote_uris(settings: Any) -> list[str]:
     """The storage URIs a command was given (its inputs, outputs and model), for naming in a failure."""
-    return [str(v) for v in vars(args).values() if isinstance(v, str) and storage.is_remote(v)]
+    return [str(v) for v in setting_values(settings) if isinstance(v, str) and storage.is_remote(v)]
 
 
 def failure_line(command: str, exc: Exception, uris: Sequence[str]) -> tuple[int, str | None]:
@@ -265,19 +188,21 @@ def failure_line(command: str, exc: Exception, uris: Sequence[str]) -> tuple[int
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
-    args = parser.parse_args(argv)
-    _, run = COMMANDS[args.command]
-    debug = getattr(args, "debug", False)
-    if args.command in ("crop", "score") and not debug:
+    command, invocation = parse(list(sys.argv[1:] if argv is None else argv))
+    debug = invocation.options.debug
+    if command in ("crop", "score") and not debug:
         quiet_ray_data_failures()
+    _, target, describe = COMMANDS[command]
     try:
-        return run(args)
+        run = target if callable(target) else pkgutil.resolve_name(target)
+        result = run(invocation.settings)
+        if describe is not None:
+            print(describe(result))
+        return 0
     except Exception as exc:
         if debug:
             raise
-        status, line = failure_line(args.command, exc, remote_uris(args))
+        status, line = failure_line(command, exc, remote_uris(invocation.settings))
         if not line:
             raise
         storage.retries_needed()  # ends the job's retry counter, which would outlive it on a cluster

@@ -1,9 +1,10 @@
 """Typed settings with their defaults: the one place where defaults live.
 
 Every stage takes one of these dataclasses. Values come from the defaults here,
-then an optional YAML file, then command-line flags (`apply_overrides`). A field made
-with `setting(help=...)` is also a command-line flag: `cli` builds each command's flags,
-their help and their shown defaults from these fields alone.
+then an optional YAML file, then command-line flags. A field made with
+`setting(help=...)` is also a command-line flag: `cli` has tyro build each command's
+flags, their help and their shown defaults from these fields alone (a nested settings
+dataclass's flags are the outer command's, without a prefix).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import tyro
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -24,32 +25,10 @@ DEFAULT_AGE_BINS = (0, 13, 26, 43, 61)
 DEFAULT_AGE_GROUPS = ("Child", "Youth", "Adult", "Middle Age", "Senior")
 
 
-def setting(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str,
-    flag: str | None = None,
-    choices: str | tuple[str, ...] | None = None,
-    required: bool = False,
-    negate: bool = False,
-    none_word: str | None = None,
-    crop_job_only: bool = False,
-) -> Any:
-    """A settings field that is also a command-line flag.
-
-    `flag` names it where `--field-name` would not do; `choices` is a tuple or a registry as
-    "module:NAME" (its keys, read when the parser is built); `negate` makes a boolean flag that sets
-    the field False; `none_word` is the value that sets an optional field to None; `crop_job_only`
-    keeps a crop setting off the commands that write no crops."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "required": required, "negate": negate,
-                "none_word": none_word, "crop_job_only": crop_job_only}  # fmt: skip
-    return field(default=default, metadata=metadata)
-
-
-def nested(factory: Callable[[], Any], flags: str = "fields") -> Any:
-    """A settings dataclass inside another: its flagged fields are flags of the outer one's commands
-    (`flags="fields"`), or, for `crop_overrides` dicts, CropSettings' flags fill the dict ("crop")."""
-    return field(default_factory=factory, metadata={"flags": flags})
+def setting(default: Any = dataclasses.MISSING, *, help: str, required: bool = False) -> Any:
+    """A settings field that is also a command-line flag, with its help (tyro reads it from the field).
+    A `required` one's default (empty) stands for "not given": the command line asks for it."""
+    return field(default=default, metadata={"help": help, "required": required})
 
 
 def weight_dirs() -> list[Path]:
@@ -84,9 +63,11 @@ class AgeGroups:
 class LabelSettings:
     """How labels are found: `kind` is utkface, imdb, none, or a CSV/Parquet table URI."""
 
-    kind: str = setting("none", help="labels: utkface, imdb, none, or a CSV/Parquet table URI", flag="--labels")
+    kind: Annotated[str, tyro.conf.arg(name="labels")] = setting(
+        "none", help="labels: utkface, imdb, none, or a CSV/Parquet table URI"
+    )
     max_age: float = setting(100.0, help="cap ages at this value")
-    groups: AgeGroups = field(default_factory=AgeGroups)
+    groups: tyro.conf.Suppress[AgeGroups] = field(default_factory=AgeGroups)  # YAML only
 
 
 # Each detector's default confidence threshold, chosen from the precision/recall table over composite
@@ -108,18 +89,16 @@ class CropSettings:
     template (eyes level), the box crop for detectors without landmarks; `clamped`, the square shrunk
     and moved to fit inside the image, which is how crops were made before this setting existed."""
 
-    detector: str = setting("dlib", help="face detector", choices="agepipe.detectors:DETECTORS")
+    detector: str = setting("dlib", help="face detector")
     detector_weights: str | None = setting(None, help="detector weights: a path or URI")
     min_score: float | None = setting(None, help="detector confidence threshold; unset: the detector's own")
     all_faces: bool = setting(False, help="every face of an image, not only the largest")
-    geometry: str = setting(
-        "landmarks", help="how a face is placed in its crop", choices="agepipe.faces:CROP_GEOMETRIES"
-    )
+    geometry: str = setting("landmarks", help="how a face is placed in its crop")
     margin: float = setting(0.0, help="margin around the face box, a fraction of its size")
     size: int = setting(224, help="crop side in pixels")
-    encoding: str = setting("jpeg", help="crop encoding", choices=("jpeg", "png"), crop_job_only=True)
-    jpeg_quality: int = setting(95, help="JPEG quality of the written crops", crop_job_only=True)
-    max_pixels: int = 40_000_000  # larger images are refused as too_large before they are decoded
+    encoding: str = setting("jpeg", help="crop encoding")
+    jpeg_quality: int = setting(95, help="JPEG quality of the written crops")
+    max_pixels: tyro.conf.Suppress[int] = 40_000_000  # larger images are refused as too_large before they are decoded
 
 
 @dataclass
@@ -128,8 +107,8 @@ class CropJobSettings:
 
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the Parquet dataset", required=True)
-    crop: CropSettings = nested(CropSettings)
-    labels: LabelSettings = nested(LabelSettings)
+    crop: CropSettings = field(default_factory=CropSettings)
+    labels: LabelSettings = field(default_factory=LabelSettings)
     batch_size: int = setting(500, help="images per batch, written as one Parquet file")
     concurrency: int | None = setting(None, help="detector actors; unset: one per CPU")
     gpu_fraction: float = setting(0.25, help="of a GPU per detection actor, for detectors that run on one (yolo)")
@@ -215,25 +194,51 @@ MODEL_HELP = (
 
 INTERVAL_LEVEL_HELP = "level of each age's interval (0.9: 90 percent); unset: the level the model's calibration records"
 
-# Scoring takes every face of an image, whatever the model's crop keeps (the largest, whose label training had).
-SCORE_CROP_OVERRIDES = {"all_faces": True}
+
+@dataclass
+class ScoringCrop:
+    """How score, serve and evaluate's Grad-CAM crop faces: as the model's checkpoint records its training
+    crops (so scoring crops as training did), except every face of an image (training kept the largest,
+    whose label it is) and the settings given here; an unset one is the model's."""
+
+    all_faces: bool = setting(True, help="every face of an image, not only the largest")
+    detector: str | None = setting(None, help="face detector; unset: the model's")
+    detector_weights: str | None = setting(None, help="detector weights: a path or URI; unset: the model's")
+    min_score: float | None = setting(None, help="detector confidence threshold; unset: the model's")
+    geometry: str | None = setting(None, help="how a face is placed in its crop; unset: the model's")
+    margin: float | None = setting(None, help="margin around the face box, a fraction of its size; unset: the model's")
+    size: int | None = setting(None, help="crop side in pixels; unset: the model's")
+
+    def given(self) -> dict[str, Any]:
+        """The crop settings that replace the model's: `all_faces` and those set."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+class TakesScoringCrop:
+    """A settings dataclass whose `crop_overrides` may be given as a dict (from Python, as before it was a
+    dataclass): it becomes a ScoringCrop."""
+
+    crop_overrides: ScoringCrop
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_overrides, dict):
+            self.crop_overrides = ScoringCrop(**self.crop_overrides)
 
 
 @dataclass
-class ScoreSettings:
+class ScoreSettings(TakesScoringCrop):
     """Batch scoring: images in, one prediction row per face out."""
 
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
     model: str | None = setting(None, help=MODEL_HELP)
-    crop_overrides: dict[str, Any] = nested(lambda: dict(SCORE_CROP_OVERRIDES), flags="crop")
-    largest_face_only: bool = setting(False, help="score only the largest face of each image (as --no-all-faces)")
-    labels: LabelSettings = nested(LabelSettings)
+    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
+    labels: LabelSettings = field(default_factory=LabelSettings)
     batch_size: int = setting(256, help="images per actor call and per forward pass (onnxruntime: 32 at a time)")
     concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")
     gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
-    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
+    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
     interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     rows_per_file: int = setting(5000, help="prediction rows per Parquet file")
 
@@ -247,9 +252,7 @@ class TrainSettings:
     data: str = setting("", help="the crop job's Parquet dataset (path or s3://)", required=True)
     output: str = setting("", help="run folder (path or s3://): checkpoints, metrics", required=True)
     backbone: str = setting("mobilenetv2_100", help="timm model name")
-    pretrained: str | None = setting(
-        "default", help="backbone weights: default, hub, none, or a path/URI", none_word="none"
-    )
+    pretrained: str | None = setting("default", help="backbone weights: default, hub, none, or a path/URI")
     initial_checkpoint: str | None = setting(
         None,
         help="fine-tune: start from this agepipe checkpoint's network (a path, a URI, or 'fast', the bundled "
@@ -263,16 +266,15 @@ class TrainSettings:
     teacher_weight: float = setting(
         0.5, help="with --teacher: each head's loss is this share toward the teacher, the rest toward the labels"
     )
-    age_head: str = setting("regression", help="age output", choices="agepipe.model:AGE_HEADS")
+    age_head: str = setting("regression", help="age output")
     dense_units: int = setting(512, help="units of the shared dense layer")
     dropout: float = setting(0.3, help="dropout before the heads")
     image_size: int = setting(160, help="network input side in pixels")
-    augmentation: str = setting("wild", help="training augmentation", choices="agepipe.augment:AUGMENTATIONS")
+    augmentation: str = setting("wild", help="training augmentation")
     batch_size: int = setting(64, help="faces per step on each worker")
     precision: str = setting(
         "fp32",
         help="the network's arithmetic in training (bf16: autocast, weights and losses in float32)",
-        choices="agepipe.train_loop:PRECISIONS",
     )
     phase1_epochs: int = setting(0, help="epochs training the heads on the frozen backbone")
     phase2_epochs: int = setting(10, help="epochs training the unfrozen stages too")
@@ -280,13 +282,9 @@ class TrainSettings:
     phase2_lr: float = setting(1e-3, help="phase 2 learning rate")
     weight_decay: float = setting(1e-4, help="AdamW weight decay")
     unfreeze_stages: int = setting(99, help="backbone stages trained in phase 2, from the top (more than it has: all)")
-    freeze_batchnorm: bool = setting(
-        False, help="phase 2 also trains the unfrozen stages' BatchNorm", flag="--train-batchnorm", negate=True
-    )
+    freeze_batchnorm: bool = setting(False, help="phase 2 keeps the unfrozen stages' BatchNorm frozen")
     patience: int = setting(3, help="early-stopping patience in epochs")
-    lr_schedule: str = setting(
-        "cosine", help="per-phase learning-rate schedule", choices="agepipe.train_loop:LR_SCHEDULES"
-    )
+    lr_schedule: str = setting("cosine", help="per-phase learning-rate schedule")
     warmup_epochs: float = setting(0.3, help="linear learning-rate ramp at the start of phase 2, in epochs")
     lr_factor: float = setting(0.3, help="plateau schedule: rate factor on a plateau")
     lr_patience: int = setting(1, help="plateau schedule: epochs without improvement before it cuts")
@@ -297,7 +295,6 @@ class TrainSettings:
     age_weighting: str = setting(
         "none",
         help="age loss per face by how rare its age is in training (sqrt_inverse; fourth_root_inverse is milder)",
-        choices="agepipe.train_data:AGE_WEIGHTINGS",
     )
     max_per_age: int = setting(2000, help="training faces kept per year of age at most")
     min_per_age: int = setting(10, help="training faces per year of age at least (repeated)")
@@ -319,19 +316,23 @@ class TrainSettings:
     max_failures: int = setting(2, help="restarts from the last checkpoint after a worker or node is lost")
     labels: LabelSettings = field(default_factory=LabelSettings)
 
+    def __post_init__(self) -> None:
+        if self.pretrained == "none":  # the word, as a flag or in YAML, for no backbone weights
+            self.pretrained = None
+
 
 @dataclass
-class EvaluateSettings:
+class EvaluateSettings(TakesScoringCrop):
     """The evaluation report: a predictions dataset (and its labels) in; plots, metrics.json and
     report.html out. Grad-CAM re-crops sampled faces from their source images with the model and crop
     settings that `score` recorded beside its predictions; `model` and `crop_overrides` override them."""
 
     predictions: str = setting("", help="the scoring job's Parquet dataset (or s3://)", required=True)
     output: str = setting("", help="folder or s3:// prefix for report, plots, metrics", required=True)
-    labels: LabelSettings = nested(LabelSettings)
+    labels: LabelSettings = field(default_factory=LabelSettings)
     run: str | None = setting(None, help="training run folder: adds its training curves (metrics.csv)")
     model: str | None = setting(None, help="checkpoint for Grad-CAM; unset: the one score recorded")
-    crop_overrides: dict[str, Any] = nested(dict, flags="crop")
+    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
     gradcam_faces: int = setting(8, help="faces in the Grad-CAM grid (0: none)")
     gallery_photos: int = setting(12, help="scored photos in the gallery, widest age intervals first (0: none)")
     max_scatter_points: int = setting(20_000, help="points in the scatter plot at most")
@@ -373,21 +374,21 @@ class CardSettings:
 
 
 @dataclass
-class ServeSettings:
+class ServeSettings(TakesScoringCrop):
     """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
 
     host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     port: int = setting(8000, help="HTTP port")
     model: str | None = setting(None, help=MODEL_HELP)
-    crop_overrides: dict[str, Any] = nested(lambda: {"all_faces": True}, flags="crop")
+    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
-    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU", choices="agepipe.predict:RUNTIMES")
+    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
     interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC
     # frozen after start-up), applied to a Ray that agepipe starts; variables already set win. Direct
     # ingress stays off: without Ray's HAProxy ingress it only opens another port per replica.
-    ray_serve_env: dict[str, str] = field(
+    ray_serve_env: tyro.conf.Suppress[dict[str, str]] = field(
         default_factory=lambda: {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     )
     max_body_bytes: int = setting(10 * 1024 * 1024, help="largest accepted upload in bytes")
@@ -419,9 +420,37 @@ class TuneSettings:
     """Hyperparameter search over the training function; `train` holds the fixed settings and
     `search_space` (YAML only) the searched ones."""
 
-    train: TrainSettings = nested(TrainSettings)
-    search_space: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_SEARCH_SPACE))
+    train: TrainSettings = field(default_factory=TrainSettings)
+    search_space: tyro.conf.Suppress[dict[str, dict[str, Any]]] = field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_SEARCH_SPACE)
+    )
     num_samples: int = setting(8, help="trials to run")
     max_concurrent_trials: int | None = setting(None, help="unset: as many as the CPUs allow")
     grace_period: int = setting(1, help="ASHA: epochs a trial runs before it can be stopped")
     reduction_factor: int = setting(3, help="ASHA: the share of trials kept at each rung is 1 over this")
+
+
+@dataclass
+class ExportSettings:
+    """A checkpoint to share: fp16 weights, the crop settings, a calibration where one can be fitted."""
+
+    model: tuple[str, ...] = setting(
+        (),
+        help="checkpoint to export (path or URI); several, trained on the same crops with one model config, "
+        "are exported as one ensemble that scores with the mean of their ages and probabilities",
+        required=True,
+    )
+    output: str = setting("", help="where to write the shareable checkpoint", required=True)
+    full_precision: bool = setting(False, help="keep float32 weights (default fp16)")
+    calibration_data: str | None = setting(
+        None,
+        help="crop dataset with labels to calibrate the age intervals on (`agepipe calibrate --data`); unset: the "
+        "one the networks record training on, where it exists",
+    )
+
+
+@dataclass
+class DemoSettings:
+    """The demo: sample photos scored by the default model, and their report."""
+
+    output: str = setting("out/demo", help="folder for the demo's photos and results")

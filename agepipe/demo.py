@@ -7,6 +7,7 @@ cannot be had here, the zero-download detector stands in (and says so).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from agepipe.cluster import init_ray
-from agepipe.config import EvaluateSettings, ScoreSettings
+from agepipe.config import DemoSettings, EvaluateSettings, ScoreSettings, ScoringCrop
 from agepipe.evaluate import run_evaluate
 from agepipe.predict import Predictor
 from agepipe.samples import write_sample_photos
@@ -25,14 +26,15 @@ logger = logging.getLogger(__name__)
 FALLBACK_DETECTOR = "dlib"
 
 
-def usable_crop_overrides(model: str | None = None) -> dict[str, Any]:
-    """No overrides when the model's own detector loads here, else the zero-download detector."""
+def usable_crop(settings: ScoreSettings) -> ScoringCrop:
+    """The scoring crop of `settings` when the model's own detector loads here, else with the zero-download
+    detector."""
     try:
-        _ = Predictor(model).detector
+        _ = Predictor.from_settings(settings).detector
     except (StorageError, ValueError) as exc:
         logger.warning("the model's detector is not available here (%s); using %s", exc, FALLBACK_DETECTOR)
-        return {"detector": FALLBACK_DETECTOR, "detector_weights": None}
-    return {}
+        return dataclasses.replace(settings.crop_overrides, detector=FALLBACK_DETECTOR)
+    return settings.crop_overrides
 
 
 def quiet_local_ray() -> None:
@@ -47,17 +49,18 @@ def quiet_local_ray() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
 
 
-def run_demo(output: str) -> dict[str, Any]:
-    """Photos -> scores (Parquet) -> report (HTML), all under `output`."""
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Photos -> scores (Parquet) -> report (HTML), all under `settings.output`."""
+    output = settings.output
     quiet_local_ray()
     photos = write_sample_photos(Path(output) / "photos")
-    overrides = usable_crop_overrides()
-    scores = f"{output}/scores"
-    summary = run_score(ScoreSettings(input=str(photos), output=scores, crop_overrides=overrides))
+    scoring = ScoreSettings(input=str(photos), output=f"{output}/scores")
+    scoring.crop_overrides = crop = usable_crop(scoring)
+    summary = run_score(scoring)
     report = run_evaluate(
-        EvaluateSettings(predictions=scores, output=f"{output}/report", crop_overrides=overrides, gradcam_faces=4)
+        EvaluateSettings(predictions=scoring.output, output=f"{output}/report", crop_overrides=crop, gradcam_faces=4)
     )
-    return {"summary": summary, "report": report["report"], "faces": faces_table(pd.read_parquet(scores))}
+    return {"summary": summary, "report": report["report"], "faces": faces_table(pd.read_parquet(scoring.output))}
 
 
 def faces_table(scores: pd.DataFrame) -> str:

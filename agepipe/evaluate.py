@@ -8,6 +8,7 @@ predictions, their labels and the scoring run's recorded settings, and runs the 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -296,10 +297,8 @@ def run_evaluate(settings: EvaluateSettings) -> dict[str, Any]:
         plots["training_curves"] = plot_training_curves(run_metrics)
     tiles: list[GradcamTile] = []
     if settings.gradcam_faces > 0 and len(faces):
-        # Every face, cropped as `score` cropped them, so a face_index names the same face again.
-        overrides = {**score_run.crop, "all_faces": True}
-        overrides.update({k: v for k, v in settings.crop_overrides.items() if v is not None})
-        predictor = Predictor(model, overrides, flip_tta=False)
+        # Cropped as `score` cropped them (every face, by ScoringCrop), so a face_index names the same face again.
+        predictor = Predictor.from_settings(dataclasses.replace(settings, model=model), score_run.crop)
         tiles = gradcam_tiles(predictor, sample_faces(faces, settings.gradcam_faces, settings.seed))
         if tiles:
             plots["gradcam"] = plot_gradcam_grid(tiles)

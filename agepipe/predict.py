@@ -22,7 +22,15 @@ import torch
 
 from agepipe import storage
 from agepipe.calibrate import Calibration, check_level
-from agepipe.config import MODEL_BATCH_SIZE, CropSettings, apply_overrides, weight_dirs
+from agepipe.config import (
+    MODEL_BATCH_SIZE,
+    CropSettings,
+    EvaluateSettings,
+    ScoreSettings,
+    ServeSettings,
+    apply_overrides,
+    weight_dirs,
+)
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
 from agepipe.faces import arrow_fields, crop_images
 from agepipe.images import SourceImage
@@ -169,6 +177,25 @@ class Predictor:
         # None: the level recorded with the calibration.
         self.interval_level = None if interval_level is None else check_level(interval_level)
         self._detector = detector
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ScoreSettings | ServeSettings | EvaluateSettings,
+        recorded_crop: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """The Predictor that a scoring command's settings describe: their model, cropped as the model records
+        (or as `recorded_crop`, the crop a scoring run recorded) with their `ScoringCrop` over it (every face
+        by default), and their flip_tta, runtime and interval level where they have them. `options` are the
+        caller's own: a device, a batch size."""
+        own = {
+            name: getattr(settings, name)
+            for name in ("flip_tta", "runtime", "interval_level")
+            if hasattr(settings, name)
+        }
+        crop = {**(recorded_crop or {}), **settings.crop_overrides.given()}
+        return cls(settings.model, crop, **{**own, **options})
 
     def __getstate__(self) -> dict[str, Any]:
         state = {**self.__dict__, "_detector": None}  # detectors hold native handles; rebuilt on first use

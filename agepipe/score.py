@@ -30,7 +30,7 @@ from agepipe.batch import (
     worker_count,
 )
 from agepipe.cluster import init_ray
-from agepipe.config import SCORE_CROP_OVERRIDES, LabelSettings, ScoreSettings, to_dict
+from agepipe.config import LabelSettings, ScoreSettings, to_dict
 from agepipe.faces import FACE_SCHEMA
 from agepipe.predict import PREDICTION_FIELDS, Predictor, prediction_columns
 
@@ -128,7 +128,7 @@ class ModelStageWorker(_LabelledOutput):
 
     def __init__(self, settings: ScoreSettings) -> None:
         super().__init__(settings.labels, settings.input)
-        self.predictor = build_predictor(settings)
+        self.predictor = Predictor.from_settings(settings, batch_size=settings.batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -136,24 +136,6 @@ class ModelStageWorker(_LabelledOutput):
             data, shape = row.pop("crop"), row.pop("crop_shape")
             row["crop"] = None if data is None else np.frombuffer(data, np.uint8).reshape(shape)
         return self.table(score_rows(rows, self.predictor))
-
-
-def build_predictor(settings: ScoreSettings, device: str | None = None) -> Predictor:
-    """The job's Predictor: the model's crop settings with the job's overrides (every face of an image
-    unless `largest_face_only`)."""
-    given = {k: v for k, v in settings.crop_overrides.items() if v is not None}
-    overrides = {**SCORE_CROP_OVERRIDES, **given}  # also where a caller's own dict leaves all_faces out
-    if settings.largest_face_only:
-        overrides["all_faces"] = False
-    return Predictor(
-        settings.model,
-        overrides,
-        device=device,
-        flip_tta=settings.flip_tta,
-        batch_size=settings.batch_size,
-        runtime=settings.runtime,
-        interval_level=settings.interval_level,
-    )
 
 
 SCORE_SETTINGS_FILE = "_agepipe_score.json"
@@ -181,7 +163,7 @@ def run_score(settings: ScoreSettings) -> JobSummary:
     if not settings.input or not settings.output:
         raise ValueError("score needs --input and --output")
     # On the CPU whatever the driver has: actors without a GPU share unpickle it.
-    predictor = build_predictor(settings, device="cpu")
+    predictor = Predictor.from_settings(settings, device="cpu", batch_size=settings.batch_size)
     _ = predictor.detector  # fail fast on a bad model or detector before any work
     if settings.labels.kind != "none":
         labels_lib.label_source(settings.labels, settings.input)

@@ -228,12 +228,12 @@ def autoscaling_config(settings: ServeSettings) -> dict[str, Any]:
 
 def with_absolute_paths(settings: ServeSettings) -> ServeSettings:
     """A copy whose local model and detector-weights paths are absolute."""
-    overrides = dict(settings.crop_overrides)
-    if overrides.get("detector_weights"):
-        overrides["detector_weights"] = storage.absolute(overrides["detector_weights"])
+    crop = settings.crop_overrides
+    if crop.detector_weights:
+        crop = dataclasses.replace(crop, detector_weights=storage.absolute(crop.detector_weights))
     from agepipe.model import model_location
 
-    return dataclasses.replace(settings, model=model_location(settings.model), crop_overrides=overrides)
+    return dataclasses.replace(settings, model=model_location(settings.model), crop_overrides=crop)
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:
@@ -297,13 +297,7 @@ class AgeService:
         from agepipe.predict import Predictor
 
         self.settings = settings
-        self.predictor = Predictor(
-            settings.model,
-            settings.crop_overrides,
-            flip_tta=settings.flip_tta,
-            runtime=settings.runtime,
-            interval_level=settings.interval_level,
-        )
+        self.predictor = Predictor.from_settings(settings)
         # Single threads: the detector and the model are not shared between threads, and
         # detection of the next requests overlaps the forward pass of the current batch.
         self.detect_thread = ThreadPoolExecutor(1, thread_name_prefix="detect")

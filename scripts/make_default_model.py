@@ -49,8 +49,7 @@ def score_and_evaluate(
             input=str(images),
             output=str(scores),
             model=model,
-            crop_overrides={"detector_weights": yunet},
-            largest_face_only=True,  # the face the label belongs to
+            crop_overrides={"detector_weights": yunet, "all_faces": False},  # the face the label belongs to
             labels=LabelSettings(kind="utkface"),
             flip_tta=flip,
         )

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agepipe import config
-from agepipe.cli import COMMANDS, build_parser, flag_for, settings_from_args
+from agepipe.cli import COMMANDS, flag_for, parse
 
 SETTINGS = {
     "crop": config.CropJobSettings,
@@ -20,6 +20,7 @@ SETTINGS = {
     "tune": config.TuneSettings,
     "serve": config.ServeSettings,
     "calibrate": config.CalibrateSettings,
+    "card": config.CardSettings,
 }
 REQUIRED = {
     "crop": ["--input", "i", "--output", "o"],
@@ -29,6 +30,7 @@ REQUIRED = {
     "tune": ["--data", "d", "--output", "o"],
     "serve": [],
     "calibrate": ["--model", "m", "--data", "d"],
+    "card": ["--output", "o"],
 }
 
 
@@ -38,7 +40,15 @@ def _flagged(cls: type) -> list[dataclasses.Field]:
 
 def _parse(command: str, *flags: str, yaml_file: Path | None = None):
     argv = [command, *REQUIRED[command], *flags, *(["--config", str(yaml_file)] if yaml_file else [])]
-    return settings_from_args(SETTINGS[command], build_parser().parse_args(argv))
+    return parse(argv)[1].settings
+
+
+def _help(command: str, capsys, monkeypatch) -> str:
+    """The command's --help, its lines long enough not to wrap, joined by single spaces."""
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        parse([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
 
 
 def test_every_command_with_settings_is_covered() -> None:
@@ -46,15 +56,13 @@ def test_every_command_with_settings_is_covered() -> None:
 
 
 @pytest.mark.parametrize("command", sorted(SETTINGS))
-def test_help_lists_every_setting_flag_with_its_default_from_the_dataclass(command: str, capsys) -> None:
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+def test_help_lists_every_setting_flag_with_its_default_from_the_dataclass(command: str, capsys, monkeypatch) -> None:
+    text = _help(command, capsys, monkeypatch)
     cls = SETTINGS[command]
     fields = _flagged(cls)
     assert fields
     for field in fields:
-        flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+        flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
         assert "(default" not in field.metadata["help"] and "default:" not in field.metadata["help"]
         if field.type == "int" and not field.metadata["required"]:
@@ -74,7 +82,7 @@ def test_a_flag_may_set_none_and_negated_flags_set_false() -> None:
     assert _parse("train", "--pretrained", "none").pretrained is None
     assert _parse("train", "--pretrained", "hub").pretrained == "hub"
     assert _parse("train").freeze_batchnorm is config.TrainSettings().freeze_batchnorm
-    assert _parse("train", "--train-batchnorm").freeze_batchnorm is False
+    assert _parse("train", "--no-freeze-batchnorm").freeze_batchnorm is False
     assert _parse("train", "--freeze-batchnorm").freeze_batchnorm is True
     assert _parse("score", "--no-flip-tta").flip_tta is False and _parse("score", "--flip-tta").flip_tta is True
 
@@ -92,12 +100,12 @@ def test_crop_flags_merge_with_the_files_crop_overrides_in_every_command(command
     settings_file = tmp_path / "settings.yaml"
     settings_file.write_text(yaml.safe_dump({"crop_overrides": {"margin": 0.1, "geometry": "box"}}))
     parsed = _parse(command, "--geometry", "landmarks", "--min-score", "0.7", yaml_file=settings_file)
-    assert {k: parsed.crop_overrides[k] for k in ("margin", "geometry", "min_score")} == {
+    assert {k: getattr(parsed.crop_overrides, k) for k in ("margin", "geometry", "min_score")} == {
         "margin": 0.1,
         "geometry": "landmarks",
         "min_score": 0.7,
     }
-    assert "detector" not in parsed.crop_overrides  # unset flags leave the model's own setting
+    assert "detector" not in parsed.crop_overrides.given()  # unset flags leave the model's own setting
 
 
 def test_crop_job_flags_set_its_crop_and_label_settings() -> None:
@@ -109,7 +117,7 @@ def test_crop_job_flags_set_its_crop_and_label_settings() -> None:
         90.0,
     )
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["score", *REQUIRED["score"], "--encoding", "png"])  # score writes no crops
+        parse(["score", *REQUIRED["score"], "--encoding", "png"])  # score writes no crops
 
 
 def test_flag_for_gives_the_text_that_parses_back_to_the_value() -> None:
@@ -122,13 +130,25 @@ def test_flag_for_gives_the_text_that_parses_back_to_the_value() -> None:
 
 @pytest.mark.parametrize(
     ("flags", "all_faces"),
-    [((), True), (("--largest-face-only",), False), (("--no-all-faces",), False), (("--all-faces",), True)],
+    [((), True), (("--no-all-faces",), False), (("--all-faces",), True)],
 )
-def test_score_takes_every_face_unless_told_and_its_help_says_so(model_path, flags, all_faces, capsys) -> None:
-    from agepipe.score import build_predictor
+def test_score_takes_every_face_unless_told_and_its_help_says_so(
+    model_path, flags, all_faces, capsys, monkeypatch
+) -> None:
+    from agepipe.predict import Predictor
 
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["score", "--help"])
-    assert "every face of an image, not only the largest (default: on)" in " ".join(capsys.readouterr().out.split())
+    text = _help("score", capsys, monkeypatch)
+    assert "every face of an image, not only the largest (default: True)" in text
     settings = _parse("score", "--model", model_path, "--detector", "none", *flags)
-    assert build_predictor(settings).crop.all_faces is all_faces
+    assert Predictor.from_settings(settings).crop.all_faces is all_faces
+
+
+@pytest.mark.parametrize(
+    ("command", "old", "new"),
+    [("train", "--train-batchnorm", "--no-freeze-batchnorm"), ("score", "--largest-face-only", "--no-all-faces")],
+)
+def test_a_flag_that_changed_is_refused_with_the_flag_that_does_the_same_now(command, old, new, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:
+        _parse(command, old)
+    assert refused.value.code == 2
+    assert f"agepipe {command}: error: {old} is now {new}" in capsys.readouterr().err

@@ -20,8 +20,9 @@ from agepipe.config import LabelSettings, ScoreSettings
 from agepipe.images import decode
 from agepipe.metrics import interval_summary
 from agepipe.model import DEFAULT_MODEL
+from agepipe.predict import Predictor
 from agepipe.scenes import compose_scene
-from agepipe.score import build_predictor, cropped_rows, run_score, score_rows
+from agepipe.score import cropped_rows, run_score, score_rows
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_low", "age_high", "age_group", "gender", "error"}
 CARD_METRICS = DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.stem}_metrics.json")
@@ -49,8 +50,7 @@ def test_scoring_the_test_split_reproduces_the_model_cards_mae(ray_local, utkfac
         ScoreSettings(
             input=str(images),
             output=str(output),
-            crop_overrides={"detector_weights": yunet_weights},
-            largest_face_only=True,  # the labelled face, as the card measures
+            crop_overrides={"detector_weights": yunet_weights, "all_faces": False},  # the labelled face, as the card
             labels=LabelSettings(kind="utkface"),
         )
     )
@@ -91,7 +91,8 @@ def test_score_finds_every_face_of_a_photo_by_default(ray_local, utkface_dir, yu
     run_score(ScoreSettings(input=str(folder), output=str(output), crop_overrides=overrides))
     frame = pq.read_table(output).to_pandas()
     largest = tmp_path / "largest"
-    run_score(ScoreSettings(input=str(folder), output=str(largest), crop_overrides=overrides, largest_face_only=True))
+    largest_only = {**overrides, "all_faces": False}
+    run_score(ScoreSettings(input=str(folder), output=str(largest), crop_overrides=largest_only))
     assert pq.read_table(largest).to_pandas().groupby("path").size().max() == 1
     matched = total = 0
     for path, boxes in pasted.items():
@@ -178,7 +179,7 @@ def test_interrupted_run_resumed_gives_the_same_rows(model_path, utkface_dir, tm
     actual = pq.read_table(output).to_pandas()[["path", "face_index", "age", "gender", "age_group"]]
     assert len(actual) == 120 and not actual.duplicated(["path", "face_index"]).any()
     # The same rows as the job's own functions give the images in one pass, without Ray.
-    predictor = build_predictor(ScoreSettings(model=model_path, crop_overrides={"detector": "none"}))
+    predictor = Predictor.from_settings(ScoreSettings(model=model_path, crop_overrides={"detector": "none"}))
     rows = cropped_rows({"path": sorted(map(str, images.iterdir()))}, predictor)
     expected = pd.DataFrame(score_rows(rows, predictor))
     expected, actual = (f.sort_values("path").reset_index(drop=True) for f in (expected[actual.columns], actual))
