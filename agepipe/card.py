@@ -21,6 +21,7 @@ import jinja2
 import pandas as pd
 import yaml
 
+from agepipe.calibrate import network_records
 from agepipe.config import CardSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
 from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, model_location, read_checkpoint
@@ -50,14 +51,9 @@ def metrics_file_name(location: str) -> str:
     return f"{Path(location).stem}_metrics.json"
 
 
-def networks(checkpoint: dict) -> list[dict]:
-    """The trained networks a checkpoint holds: its members, or itself."""
-    return checkpoint.get("members") or [checkpoint]
-
-
 def network_summary(checkpoint: dict) -> list[dict]:
     """Each network's best validation MAE and epoch: what identifies the checkpoint in its metrics file."""
-    return [{"best_val_mae": n.get("val_mae"), "best_epoch": n.get("epoch")} for n in networks(checkpoint)]
+    return [{"best_val_mae": n.get("val_mae"), "best_epoch": n.get("epoch")} for n in network_records(checkpoint)]
 
 
 def records_checkpoint(metrics: dict, checkpoint: dict) -> bool:
@@ -166,7 +162,7 @@ def network_rows(checkpoint: dict) -> list[dict]:
             "best epoch": network.get("epoch"),
             "best val MAE": network.get("val_mae"),
         }
-        for index, network in enumerate(networks(checkpoint), start=1)
+        for index, network in enumerate(network_records(checkpoint), start=1)
     ]
 
 
@@ -192,7 +188,7 @@ def other_bundled(location: str) -> dict[str, dict]:
 def render_card(location: str, checkpoint: dict, metrics: dict, split: Path, measured_by: str) -> str:
     """The card's Markdown for a checkpoint, its metrics and its split (`measured_by`: where the metrics come
     from)."""
-    first = networks(checkpoint)[0]
+    first = network_records(checkpoint)[0]
     train_settings = first.get("train_settings", {})
     bundled = bundled_names().get(location, [])
     others = other_bundled(location)
@@ -209,10 +205,10 @@ def render_card(location: str, checkpoint: dict, metrics: dict, split: Path, mea
         size_mb=os.path.getsize(location) / 2**20 if Path(location).is_file() else None,
         config=checkpoint["model_config"],
         age_head=AGE_HEADS[checkpoint["model_config"]["age_head"]],
-        network_count=len(networks(checkpoint)),
+        network_count=len(network_records(checkpoint)),
         crop=json.dumps(checkpoint["crop"], indent=2),
         train=train_settings,
-        recipes=[recipe_yaml(n.get("train_settings", {})) for n in networks(checkpoint)],
+        recipes=[recipe_yaml(n.get("train_settings", {})) for n in network_records(checkpoint)],
         networks=markdown_table(network_rows(checkpoint), float_format=".2f"),
         metrics=metrics,
         measured_by=measured_by,
