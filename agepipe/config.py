@@ -158,33 +158,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load(cls: type[T], yaml_path: str | None = None, **overrides: Any) -> T:
-    """Defaults, then a YAML file, then explicit overrides (None means 'not given')."""
+def load(cls: type[T], yaml_path: str | None = None) -> T:
+    """The defaults, with a YAML file's settings over them."""
     values: dict[str, Any] = {}
     if yaml_path:
         with open(yaml_path) as f:
             values = yaml.safe_load(f) or {}
-    settings = from_dict(cls, values)
-    return apply_overrides(settings, overrides)
-
-
-def apply_overrides(settings: T, overrides: dict[str, Any], skip_none: bool = True) -> T:
-    """Set dotted keys (`crop.margin`) on a settings dataclass, skipping None values unless `skip_none`
-    is off. A key into a dict field (`crop_overrides.margin`) sets that dict's item."""
-    for dotted, value in overrides.items():
-        if value is None and skip_none:
-            continue
-        target: Any = settings
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            target = getattr(target, parent)
-        if isinstance(target, dict):
-            target[leaf] = value
-            continue
-        if not hasattr(target, leaf):
-            raise ValueError(f"unknown setting {dotted!r}")
-        setattr(target, leaf, value)
-    return settings
+    return from_dict(cls, values)
 
 
 # The bundled models' names are agepipe.model.BUNDLED_MODELS.

@@ -10,6 +10,7 @@ distribution head's spread where there is one, age group and gender.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import warnings
@@ -28,7 +29,6 @@ from agepipe.config import (
     EvaluateSettings,
     ScoreSettings,
     ServeSettings,
-    apply_overrides,
     weight_dirs,
 )
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
@@ -157,7 +157,8 @@ class Predictor:
     ) -> None:
         self.model_uri = model_location(model_uri)
         model, crop, checkpoint = load_checkpoint(self.model_uri)
-        self.crop = resolve_detector_weights(apply_overrides(crop, crop_overrides or {}))
+        given = {name: value for name, value in (crop_overrides or {}).items() if value is not None}
+        self.crop = resolve_detector_weights(dataclasses.replace(crop, **given))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: AgeNetwork | None = model.to(self.device)
         self.config: ModelConfig = model.config
