@@ -64,13 +64,15 @@ def records_checkpoint(metrics: dict, checkpoint: dict) -> bool:
     return recorded == own and calibrated
 
 
-def stored_metrics(location: str, checkpoint: dict, folders: list[Path]) -> tuple[dict, Path] | None:
-    """The first `<stem>_metrics.json` in `folders` that records this checkpoint, and its path."""
+def stored_metrics(location: str, checkpoint: dict, folders: list[Path], wild_photos: int) -> tuple[dict, Path] | None:
+    """The first `<stem>_metrics.json` in `folders` that records this checkpoint measured on every test face
+    with `wild_photos` photos (a file that does not say is taken as such: the bundled models'), and its path."""
     for folder in folders:
         path = folder / metrics_file_name(location)
         if path.is_file():
             metrics = json.loads(path.read_text())
-            if records_checkpoint(metrics, checkpoint):
+            whole = metrics.get("faces_sample") is None and metrics.get("wild_photos", wild_photos) == wild_photos
+            if whole and records_checkpoint(metrics, checkpoint):
                 return metrics, path
     return None
 
@@ -115,6 +117,7 @@ def measure(settings: CardSettings, location: str, checkpoint: dict, scratch: Pa
         "networks": network_summary(checkpoint),
         "split": split.name,
         "wild_photos": settings.wild_photos,
+        "faces_sample": settings.faces,
     }
 
 
@@ -231,7 +234,7 @@ def render_card(location: str, checkpoint: dict, metrics: dict, split: Path, mea
 
 def write_card(settings: CardSettings) -> dict[str, str]:
     """Write `MODEL_CARD.md` (and, where measured, `<stem>_metrics.json` and the evaluation report) to
-    `settings.output`; returns the files written and where the metrics came from."""
+    `settings.output`; returns the files written, by kind ("card", "metrics")."""
     if not settings.output:
         raise ValueError("card needs --output")
     location = model_location(settings.model)
@@ -241,7 +244,7 @@ def write_card(settings: CardSettings) -> dict[str, str]:
     found = (
         None
         if settings.recompute or settings.faces
-        else stored_metrics(location, checkpoint, [output, Path(location).parent])
+        else stored_metrics(location, checkpoint, [output, Path(location).parent], settings.wild_photos)
     )
     written = {}
     if found:

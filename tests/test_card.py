@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agepipe.card import CARD_FILE, bundled_names, metrics_file_name, records_checkpoint, write_card
+from agepipe.card import CARD_FILE, bundled_names, metrics_file_name, records_checkpoint, stored_metrics, write_card
 from agepipe.config import PROJECT_ROOT, CardSettings
 from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, WEIGHTS, read_checkpoint
 from agepipe.wild import BUNDLED_SPLIT
@@ -55,6 +55,8 @@ def test_a_users_checkpoint_gets_its_card_measured_on_its_own_test_faces(utkface
     assert "### Age intervals" in card and "measured by `agepipe card`" in card
     assert "`model.pt`" in card and "--model fast" not in card  # a user's file, not a bundled name
     assert records_checkpoint(metrics, read_checkpoint(str(run / "model.pt")))
+    # A sample's metrics record the checkpoint, but a card of every test face does not reuse them.
+    assert stored_metrics(str(run / "model.pt"), read_checkpoint(str(run / "model.pt")), [output], 5) is None
 
 
 def test_the_default_models_card_reuses_its_stored_metrics_and_shows_the_other_bundled_models(tmp_path) -> None:
