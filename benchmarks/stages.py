@@ -51,8 +51,8 @@ def score_job_seconds(scratch: Path, repeats: int) -> float:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     seconds = []
     for run in range(repeats):
-        settings = ScoreSettings(input=str(scratch / "photos"), output=str(scratch / f"scores-{run}"))
-        settings.crop_overrides = {"detector_weights": YUNET}
+        output, crop = str(scratch / f"scores-{run}"), {"detector_weights": YUNET}
+        settings = ScoreSettings(input=str(scratch / "photos"), output=output, crop_overrides=crop)
         started = time.perf_counter()
         run_score(settings)
         seconds.append(time.perf_counter() - started)
