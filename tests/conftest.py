@@ -13,6 +13,7 @@ from helpers import run_cli
 
 from agepipe.config import shared_data_dir
 from agepipe.model import DEFAULT_MODEL
+from agepipe.shared_data import UTKFACE, YUNET
 
 # The default model records its YuNet weights by file name; here they come from the shared folder, in
 # every process the tests start (Ray workers, notebook kernels, CLI runs inherit the variable).
@@ -28,18 +29,16 @@ atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 @pytest.fixture(scope="session")
 def utkface_dir() -> Path:
-    path = shared_data_dir() / "data" / "utkface"
-    if not path.is_dir():
-        pytest.skip(f"UTKFace images not found at {path} (set AGEPIPE_SHARED to the shared folder)")
-    return path
+    if not UTKFACE.is_dir():
+        pytest.skip(f"UTKFace images not found at {UTKFACE} (set AGEPIPE_SHARED to the shared folder)")
+    return UTKFACE
 
 
 @pytest.fixture(scope="session")
 def yunet_weights() -> str:
-    path = shared_data_dir() / "models" / "face_detection_yunet.onnx"
-    if not path.is_file():
-        pytest.skip(f"YuNet weights not found at {path} (set AGEPIPE_SHARED to the shared folder)")
-    return str(path)
+    if not Path(YUNET).is_file():
+        pytest.skip(f"YuNet weights not found at {YUNET} (set AGEPIPE_SHARED to the shared folder)")
+    return YUNET
 
 
 @pytest.fixture(scope="session")
