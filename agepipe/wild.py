@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from agepipe.config import AgeGroups, ScoreSettings
+from agepipe.config import AgeGroups, ScoreSettings, ScoringCrop
 from agepipe.labels import age_group as group_name
 from agepipe.labels import parse_utkface
 from agepipe.metrics import GROUPINGS, interval_summary
@@ -346,7 +346,9 @@ def scored(images: Path, output: Path, model: str | None, every_face: bool) -> p
     """The scoring job's rows for the images under `images`: every face of a photo, or only the largest (an
     aligned face image, whose label is that face's)."""
     run_score(
-        ScoreSettings(input=str(images), output=str(output), model=model, crop_overrides={"all_faces": every_face})
+        ScoreSettings(
+            input=str(images), output=str(output), model=model, crop_overrides=ScoringCrop(all_faces=every_face)
+        )
     )
     return pd.read_parquet(output)
 
