@@ -36,7 +36,7 @@ from agepipe.batch import (
 from agepipe.cluster import init_ray
 from agepipe.config import CropJobSettings, CropSettings, LabelSettings, to_dict
 from agepipe.detectors import Detector, create_detector
-from agepipe.faces import FACE_SCHEMA, arrow_fields, crop_images
+from agepipe.faces import FACE_SCHEMA, arrow_fields, check_crop_names, crop_images
 from agepipe.images import encode
 
 CROP_SCHEMA = pa.schema(
@@ -108,6 +108,7 @@ def run_crop(settings: CropJobSettings) -> JobSummary:
     if not settings.input or not settings.output:
         raise ValueError("crop needs --input and --output")
     labels_lib.label_source(settings.labels, settings.input)  # fail fast on bad label settings
+    check_crop_names(settings.crop)
     create_detector(settings.crop.detector, settings.crop.detector_weights, settings.crop.min_score)
     todo, summary = plan_inputs(settings.input, settings.output)
     record_crop_settings(settings)

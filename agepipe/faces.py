@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from agepipe.config import CropSettings
-from agepipe.detectors import Detector, Face, clip_box, scale_face
-from agepipe.images import ImageError, SourceImage
+from agepipe.detectors import DETECTORS, Detector, Face, clip_box, scale_face
+from agepipe.images import ENCODINGS, ImageError, SourceImage
 from agepipe.registry import Registry
 
 # A geometry maps a face to the affine transform from source pixels to crop pixels. What falls outside
@@ -139,6 +139,13 @@ def _square_crop(image: np.ndarray, transform: np.ndarray, size: int) -> tuple[n
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     crop = cv2.resize(patch, (size, size), interpolation=interpolation)
     return np.ascontiguousarray(crop, dtype=np.uint8), (left, top, right, bottom)
+
+
+def check_crop_names(settings: CropSettings) -> None:
+    """Refuse a crop whose detector, geometry or encoding is not a registered name, before any image."""
+    DETECTORS.check(settings.detector)
+    CROP_GEOMETRIES.check(settings.geometry)
+    ENCODINGS.check(settings.encoding)
 
 
 def crop_transform(face: Face, settings: CropSettings, image_shape: tuple[int, ...]) -> np.ndarray:

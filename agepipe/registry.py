@@ -35,6 +35,10 @@ class Registry(Generic[T]):
             raise ValueError(f"unknown {self.kind} {name!r}: use one of {names}{alternative}")
         return self._entries[name]
 
+    def check(self, name: str) -> None:
+        """Raise the one error where `name` is not registered: a setting checked before any work starts."""
+        self[name]
+
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call the factory registered as `name` with these arguments."""
         return self[name](*args, **kwargs)  # type: ignore[operator]

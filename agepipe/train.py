@@ -27,7 +27,7 @@ from agepipe.crop import CROP_SETTINGS_FILE
 from agepipe.model import ModelConfig, model_location, read_checkpoint, require_same_network, save_checkpoint
 from agepipe.predict import Predictor
 from agepipe.train_data import FaceKey, age_loss_weights, face_keys, plan_dataset, split_dataset
-from agepipe.train_loop import model_config, train_loop_per_worker
+from agepipe.train_loop import check_setting_names, model_config, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ def prepare_run(settings: TrainSettings) -> pd.DataFrame:
 
     if not settings.data or not settings.output:
         raise ValueError("train needs --data and --output")
+    check_setting_names(settings)
     if settings.initial_checkpoint:
         check_initial_checkpoint(settings)  # a mismatch fails here, not in the workers
     if settings.teacher:

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agepipe.augment import image_transform, to_tensors
+from agepipe.augment import AUGMENTATIONS, image_transform, to_tensors
 from agepipe.config import CropSettings, TrainSettings, from_dict
 from agepipe.model import (
+    AGE_HEADS,
     AgeModel,
     ModelConfig,
     age_estimate,
@@ -33,6 +34,7 @@ from agepipe.model import (
     unwrap,
 )
 from agepipe.registry import Registry
+from agepipe.train_data import AGE_WEIGHTINGS
 
 
 def age_targets(ages: torch.Tensor, max_age: int, sigma: float) -> torch.Tensor:
@@ -129,6 +131,16 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 def phase_of(epoch: int, settings: TrainSettings) -> int:
     return 1 if epoch < settings.phase1_epochs else 2
+
+
+def check_setting_names(settings: TrainSettings) -> None:
+    """Refuse settings that name no registered head, augmentation, precision, schedule or weighting, before
+    Ray starts rather than in the workers."""
+    AGE_HEADS.check(settings.age_head)
+    AUGMENTATIONS.check(settings.augmentation)
+    PRECISIONS.check(settings.precision)
+    LR_SCHEDULES.check(settings.lr_schedule)
+    AGE_WEIGHTINGS.check(settings.age_weighting)
 
 
 def model_config(settings: TrainSettings) -> ModelConfig:

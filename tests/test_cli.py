@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agepipe import config
-from agepipe.cli import COMMANDS, flag_for, parse
+from agepipe.cli import COMMANDS, flag_for, main, parse
 
 SETTINGS = {
     "crop": config.CropJobSettings,
@@ -152,3 +152,22 @@ def test_a_flag_that_changed_is_refused_with_the_flag_that_does_the_same_now(com
         _parse(command, old)
     assert refused.value.code == 2
     assert f"agepipe {command}: error: {old} is now {new}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "error"),
+    [
+        ("crop", ["--geometry", "square"], "unknown crop geometry 'square': use one of box, clamped, landmarks"),
+        ("crop", ["--encoding", "gif"], "unknown encoding 'gif': use one of jpeg, png"),
+        ("score", ["--geometry", "square"], "unknown crop geometry 'square': use one of box, clamped, landmarks"),
+        ("train", ["--augmentation", "heavy"], "unknown augmentation 'heavy': use one of basic, photo, wild, wild_cut"),
+    ],
+)
+def test_a_name_no_registry_holds_fails_before_any_work_naming_those_it_holds(
+    command, flags, error, tmp_path, capsys
+) -> None:
+    output = tmp_path / "output"
+    given = ["--data" if command == "train" else "--input", str(tmp_path), "--output", str(output)]
+    assert main([command, *given, *flags]) == 2
+    assert f"agepipe {command}: error: {error}" in capsys.readouterr().err
+    assert not output.exists()
