@@ -17,20 +17,24 @@ faces with the Predictor and records the calibration in a checkpoint, where `sco
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from agepipe import storage
 from agepipe.config import CalibrateSettings, TrainSettings, from_dict
-from agepipe.model import model_location, read_checkpoint, save_checkpoint
+from agepipe.model import INT8_GRAPH, model_location, read_checkpoint, save_checkpoint
 from agepipe.train_data import plan_dataset, read_labels, usable_rows
+
+if TYPE_CHECKING:
+    from agepipe.predict import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -202,34 +206,69 @@ def held_out_faces(checkpoint: dict, data: str) -> tuple[pd.DataFrame, str]:
     return faces, source
 
 
-def predicted_ages(model: str, data: str, faces: pd.DataFrame) -> np.ndarray:
-    """The model's age for each of `faces`, from their crops in the dataset `data`, flip TTA off."""
+def face_crops(data: str, faces: pd.DataFrame, batch: int) -> Iterator[list[np.ndarray]]:
+    """The RGB crops of `faces` from the crop dataset `data`, `batch` at a time."""
     import pyarrow.parquet as pq
 
     from agepipe.augment import decode_crop
-    from agepipe.predict import Predictor
 
     fs, path = storage.resolve(data)
     table = pq.read_table(path, filesystem=fs, columns=["path", "face_index", "image"])
     images = table.to_pandas().set_index(["path", "face_index"])["image"]
-    predictor = Predictor(model)
-    ages = []
-    for start in range(0, len(faces), predictor.batch_size):
-        chunk = faces.iloc[start : start + predictor.batch_size]
+    for start in range(0, len(faces), batch):
+        chunk = faces.iloc[start : start + batch]
         keys = zip(chunk["path"], chunk["face_index"], strict=True)
-        crops = [decode_crop(images[key]).permute(1, 2, 0).numpy() for key in keys]
-        ages += [row["age"] for row in predictor.predict_crops(crops)]
-    return np.array(ages)
+        yield [decode_crop(images[key]).permute(1, 2, 0).numpy() for key in keys]
 
 
-def calibrate_checkpoint(model: str, data: str, output: str | None = None, level: float = DEFAULT_LEVEL) -> Calibration:
+def predicted_ages(predictor: Predictor, data: str, faces: pd.DataFrame) -> np.ndarray:
+    """The predictor's age for each of `faces`, from their crops in the dataset `data`."""
+    batches = face_crops(data, faces, predictor.batch_size)
+    return np.array([row["age"] for crops in batches for row in predictor.predict_crops(crops)])
+
+
+def int8_graph(
+    predictor: Predictor, data: str, faces: pd.DataFrame, float_ages: np.ndarray
+) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+    """The int8 graph of the predictor's float onnx network (activation ranges from the first of `faces`), its
+    ages for `faces`, and the record of its error on them beside the float graph's (`float_ages`)."""
+    import torch
+
+    from agepipe.predict import RUNTIMES
+    from agepipe.quantize import CALIBRATION_FACES, keeps_accuracy, quantized_graph
+
+    crops = [crop for batch in face_crops(data, faces.iloc[:CALIBRATION_FACES], 64) for crop in batch]
+    inputs = predictor.transform(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)).numpy()
+    graph = quantized_graph(predictor.runtime.onnx, inputs)
+    quantized = copy.copy(predictor)
+    quantized.runtime = RUNTIMES.create("int8", None, predictor.device, {INT8_GRAPH: graph})
+    ages = predicted_ages(quantized, data, faces)
+    labels = faces["age"].to_numpy(float)
+    float_mae, int8_mae = (float(np.abs(predicted - labels).mean()) for predicted in (float_ages, ages))
+    record = {"faces": len(faces), "float_mae": float_mae, "int8_mae": int8_mae}
+    return graph, ages, {**record, "kept": keeps_accuracy(float_mae, int8_mae)}
+
+
+def calibrate_checkpoint(
+    model: str, data: str, output: str | None = None, level: float = DEFAULT_LEVEL, int8: bool = True
+) -> Calibration:
     """Fit the model's interval on the held-out labelled faces of the crop dataset `data` (`held_out_faces`)
-    and write the checkpoint with it to `output` (default: over `model`)."""
+    and write the checkpoint with it to `output` (default: over `model`). With `int8` (one network only), the
+    checkpoint also gets an int8 graph for CPU scoring where it costs at most INT8_TOLERANCE years on those
+    faces, and the interval is fitted on that graph's ages, which scoring on a CPU then gives."""
+    from agepipe.predict import Predictor
+
     uri = model_location(model)
     checkpoint = read_checkpoint(uri)
+    checkpoint.pop(INT8_GRAPH, None)  # made again from these weights, or not at all
     faces, source = held_out_faces(checkpoint, data)
     logger.info("calibrating %s on %d faces: %s", uri, len(faces), source)
-    ages = predicted_ages(uri, data, faces)
+    predictor = Predictor(uri, device="cpu", runtime="onnx")
+    ages = predicted_ages(predictor, data, faces)
+    if int8 and not checkpoint.get("members"):
+        graph, int8_ages, checkpoint["int8"] = int8_graph(predictor, data, faces, ages)
+        if checkpoint["int8"]["kept"]:
+            checkpoint[INT8_GRAPH], ages = graph, int8_ages
     calibration = fit_calibration(ages, faces["age"].to_numpy(float), level, source=source)
     checkpoint["calibration"] = calibration.to_dict()
     save_checkpoint(checkpoint, output or uri)
@@ -253,5 +292,14 @@ def describe(calibration: Calibration, ages: Sequence[float] = (5, 30, 70)) -> s
 def run_calibrate(settings: CalibrateSettings) -> str:
     """`agepipe calibrate`: calibrate `settings.model` on `settings.data`; the line that reports it."""
     output = settings.output or model_location(settings.model)
-    calibration = calibrate_checkpoint(settings.model, settings.data, output, settings.interval_level)
-    return f"calibrate: {describe(calibration)}; written to {output}"
+    calibration = calibrate_checkpoint(settings.model, settings.data, output, settings.interval_level, settings.int8)
+    int8 = read_checkpoint(output).get("int8") if settings.int8 else None
+    return f"calibrate: {describe(calibration)}{describe_int8(int8)}; written to {output}"
+
+
+def describe_int8(record: dict[str, Any] | None) -> str:
+    """What became of the int8 graph, for the calibrate line: kept or not, and its error beside float's."""
+    if record is None:
+        return ""
+    kept = "kept" if record["kept"] else "not kept (over the tolerance: scoring stays in float)"
+    return f"; int8 graph {kept}, MAE {record['int8_mae']:.3f} against float's {record['float_mae']:.3f}"

@@ -30,6 +30,7 @@ from agepipe.registry import Registry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
+INT8_GRAPH = "int8_graph"  # a checkpoint's int8 ONNX graph for the CPU, where `agepipe calibrate` made one
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The checkpoints that ship with the package, by the name that `--model` (and `--initial-checkpoint`,
 # `--teacher`) take in place of a path; their card is weights/MODEL_CARD.md.
@@ -308,8 +309,8 @@ def ensemble_checkpoint(checkpoints: Sequence[dict], sources: Sequence[str]) -> 
         for name, tensor in checkpoint["state_dict"].items()
     }
     shared = ("format", "model_config", "crop", "state_dict")
-    # A member's calibration fits that network's errors, not the ensemble's: the ensemble gets its own.
-    not_recorded = (*shared, "calibration")
+    # A member's calibration and int8 graph are that network's, not the ensemble's: the ensemble gets its own.
+    not_recorded = (*shared, "calibration", INT8_GRAPH, "int8")
     member_records = [
         {"source": source, **{k: v for k, v in checkpoint.items() if k not in not_recorded}}
         for checkpoint, source in zip(checkpoints, sources, strict=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -19,8 +20,9 @@ from agepipe.calibrate import (
     held_out_faces,
 )
 from agepipe.metrics import interval_stats, interval_summary
-from agepipe.model import export_for_sharing, load_checkpoint, read_checkpoint, save_checkpoint
+from agepipe.model import INT8_GRAPH, export_for_sharing, load_checkpoint, read_checkpoint, save_checkpoint
 from agepipe.predict import Predictor, prediction_columns, prediction_json
+from agepipe.quantize import INT8_TOLERANCE, float_nodes, keeps_accuracy
 
 
 def heteroscedastic_faces(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,17 +168,43 @@ def test_the_interval_survives_onnx_export_pickling_and_sharing(calibrated, smal
 
     crops = [decode_crop(image).permute(1, 2, 0).numpy() for image in frame["image"]]
     torch_rows = Predictor(output, {"detector": "none"}, runtime="torch").predict_crops(crops)
-    onnx = pickle.loads(pickle.dumps(Predictor(output, {"detector": "none"}, runtime="onnx")))
-    assert onnx.model is None  # an actor's copy: the exported network alone, and the calibration
+    onnx_rows = pickle.loads(pickle.dumps(Predictor(output, {"detector": "none"}, runtime="onnx")))
+    assert onnx_rows.model is None  # an actor's copy: the exported network alone, and the calibration
     shared = str(tmp_path / "shared.pt")
     export_for_sharing([output], shared)
-    for rows in (onnx.predict_crops(crops), Predictor(shared, {"detector": "none"}).predict_crops(crops)):
+    shared_float = Predictor(shared, {"detector": "none"}, runtime="onnx")
+    for rows in (onnx_rows.predict_crops(crops), shared_float.predict_crops(crops)):
         for row, reference in zip(rows, torch_rows, strict=True):
             assert row["age_low"] == pytest.approx(reference["age_low"], abs=0.05)
             assert row["age_high"] == pytest.approx(reference["age_high"], abs=0.05)
     widths = [row["age_high"] - row["age_low"] for row in torch_rows]
     assert all(row["age_low"] <= row["age"] <= row["age_high"] for row in torch_rows)
     assert max(widths) - min(widths) > 1.0  # adaptive: not one band for every face
+
+
+def test_calibrate_records_an_int8_graph_that_cpu_scoring_uses_within_its_tolerance(calibrated, small_faces) -> None:
+    bare, output = calibrated
+    checkpoint = read_checkpoint(output)
+    record = checkpoint["int8"]
+    assert record["faces"] == 240 and record["kept"] and record["int8_mae"] - record["float_mae"] <= INT8_TOLERANCE
+    graph = onnx.load_from_string(checkpoint[INT8_GRAPH])
+    quantized = {node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
+    convolutions = [node for node in graph.graph.node if node.op_type == "Conv"]
+    pointwise = [node for node in convolutions if node.name not in float_nodes(graph)]
+    assert pointwise and all(node.input[1] not in quantized for node in pointwise)  # weights come dequantized
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.graph.node) >= len(pointwise)
+    frame = pd.read_parquet(small_faces, columns=["image"]).head(64)
+    from agepipe.augment import decode_crop
+
+    crops = [decode_crop(image).permute(1, 2, 0).numpy() for image in frame["image"]]
+    default = pickle.loads(pickle.dumps(Predictor(output, {"detector": "none"}, device="cpu")))
+    assert default.runtime_name == "int8" and default.model is None
+    int8_ages = np.array([row["age"] for row in default.predict_crops(crops)])
+    float_ages = np.array([row["age"] for row in Predictor(output, runtime="onnx").predict_crops(crops)])
+    assert 0 < np.abs(int8_ages - float_ages).mean() < 0.5 and np.abs(int8_ages - float_ages).max() < 3
+    with pytest.raises(ValueError, match="no int8 graph: `agepipe calibrate"):
+        Predictor(bare, runtime="int8")
+    assert keeps_accuracy(5.0, 5.0 + INT8_TOLERANCE) and not keeps_accuracy(5.0, 5.0 + 2 * INT8_TOLERANCE)
 
 
 def test_interval_level_changes_the_width(calibrated) -> None:
@@ -198,7 +226,9 @@ def test_held_out_faces_of_a_dataset_the_model_trained_on_are_its_val_faces(cali
     assert "val faces" in source and 40 <= len(faces) <= 80  # a quarter of 240, not the test or train faces
     with pytest.raises(ValueError, match="did not train on"):
         held_out_faces({**checkpoint, "train_settings": {**settings, "val_fraction": 0.02}}, str(small_faces))
-    calibration = calibrate_checkpoint(output, str(small_faces), str(small_faces.parent / "again.pt"), level=0.8)
+    again = str(small_faces.parent / "again.pt")
+    calibration = calibrate_checkpoint(output, str(small_faces), again, level=0.8, int8=False)
+    assert INT8_GRAPH not in read_checkpoint(again)  # the int8 graph of other weights is not kept
     assert calibration.level == 0.8
 
 
@@ -211,7 +241,9 @@ def test_agepipe_export_calibrates_an_ensemble(calibrated, small_faces, tmp_path
     assert "export: 90% interval from 240 faces" in result.stdout
     checkpoint = read_checkpoint(str(ensemble))
     assert Calibration.from_dict(checkpoint["calibration"]).faces == 240
-    assert all("calibration" not in member for member in checkpoint["members"])  # a network's own is not the ensemble's
+    # A network's own calibration and int8 graph are not the ensemble's, and an ensemble's graph stays float.
+    assert all("calibration" not in member and "int8" not in member for member in checkpoint["members"])
+    assert INT8_GRAPH not in checkpoint
     # Without data to calibrate on, the ensemble is written without one, and the command says so.
     bare = run_cli(*args)
     assert bare.returncode == 0 and "no calibration" in bare.stdout and "has no calibration" in bare.stderr
