@@ -44,7 +44,7 @@ class Invocation(Generic[SettingsT]):
     """A command's settings and the options every command has."""
 
     settings: SettingsT
-    options: CommonOptions = field(default_factory=CommonOptions)
+    common: CommonOptions = field(default_factory=CommonOptions)
 
 
 def job_line(summary: Any, title: str) -> str:
@@ -142,8 +142,8 @@ def parse(argv: Sequence[str]) -> tuple[str, Invocation]:
             raise SystemExit(2)
     cls = COMMANDS[command][0]
     without_help = [flag for flag in flags if flag not in ("-h", "--help")]
-    options, _ = tyro.cli(CommonOptions, args=without_help, return_unknown_args=True, add_help=False)
-    defaults = Invocation(_missing_where_required(config.load(cls, options.config)), options)
+    common, _ = tyro.cli(CommonOptions, args=without_help, return_unknown_args=True, add_help=False)
+    defaults = Invocation(_missing_where_required(config.load(cls, common.config)), common)
     prog = f"agepipe {command}"
     invocation = tyro.cli(
         Invocation[cls], args=flags, default=defaults, prog=prog, description=cls.__doc__, config=TYRO_MARKERS
@@ -189,7 +189,7 @@ def failure_line(command: str, exc: Exception, uris: Sequence[str]) -> tuple[int
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command, invocation = parse(list(sys.argv[1:] if argv is None else argv))
-    debug = invocation.options.debug
+    debug = invocation.common.debug
     if command in ("crop", "score") and not debug:
         quiet_ray_data_failures()
     _, target, describe = COMMANDS[command]
