@@ -34,6 +34,8 @@ from agepipe.model import INT8_GRAPH, model_location, read_checkpoint, save_chec
 from agepipe.train_data import plan_dataset, read_labels, usable_rows
 
 if TYPE_CHECKING:
+    import torch
+
     from agepipe.predict import Predictor
 
 logger = logging.getLogger(__name__)
@@ -229,7 +231,7 @@ def predicted_ages(predictor: Predictor, data: str, faces: pd.DataFrame) -> np.n
 
 def int8_graph(
     predictor: Predictor, data: str, faces: pd.DataFrame, float_ages: np.ndarray
-) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
     """The int8 graph of the predictor's float onnx network (activation ranges from the first of `faces`), its
     ages for `faces`, and the record of its error on them beside the float graph's (`float_ages`)."""
     import torch
@@ -239,7 +241,7 @@ def int8_graph(
 
     crops = [crop for batch in face_crops(data, faces.iloc[:CALIBRATION_FACES], 64) for crop in batch]
     inputs = predictor.transform(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)).numpy()
-    graph = quantized_graph(predictor.runtime.onnx, inputs)
+    graph = torch.frombuffer(bytearray(quantized_graph(predictor.runtime.onnx, inputs)), dtype=torch.uint8)
     quantized = copy.copy(predictor)
     quantized.runtime = RUNTIMES.create("int8", None, predictor.device, {INT8_GRAPH: graph})
     ages = predicted_ages(quantized, data, faces)

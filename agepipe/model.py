@@ -30,7 +30,9 @@ from agepipe.registry import Registry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
-INT8_GRAPH = "int8_graph"  # a checkpoint's int8 ONNX graph for the CPU, where `agepipe calibrate` made one
+# A checkpoint's int8 ONNX graph for the CPU, where `agepipe calibrate` made one: its bytes as a uint8 tensor
+# (pickled bytes would take half as much again).
+INT8_GRAPH = "int8_graph"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The checkpoints that ship with the package, by the name that `--model` (and `--initial-checkpoint`,
 # `--teacher`) take in place of a path; their card is weights/MODEL_CARD.md.

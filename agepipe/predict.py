@@ -131,7 +131,7 @@ class Int8Runtime(OnnxRuntime):
             raise ValueError(
                 "this checkpoint has no int8 graph: `agepipe calibrate --model MODEL --data FACES` makes one"
             )
-        self.onnx = checkpoint[INT8_GRAPH]
+        self.onnx = checkpoint[INT8_GRAPH].numpy().tobytes()
         self._session = None
 
 

@@ -46,14 +46,25 @@ def _groups(node: onnx.NodeProto) -> int:
 
 class FaceBatches(CalibrationDataReader):
     """Normalised faces (N, 3, H, W) for onnxruntime's calibration, in batches of one size (the percentile
-    calibrator stacks them: a short last batch would not stack), the remainder left out."""
+    calibrator stacks them: a short last batch would not stack), the remainder left out.
+
+    onnxruntime's strided calibration reads one batch per `set_range`, and the percentile calibrator folds
+    each batch's activations into its histograms before the next: without it every face's activations of
+    every layer are held at once, gigabytes for a few hundred faces."""
 
     def __init__(self, faces: np.ndarray) -> None:
         size = min(_BATCH, len(faces))
-        self.batches = iter([{"image": faces[i : i + size]} for i in range(0, len(faces) - size + 1, size)])
+        self.batches = [{"image": faces[i : i + size]} for i in range(0, len(faces) - size + 1, size)]
+        self.range = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.range = iter(self.batches[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        return next(self.range, None)
 
 
 def quantized_graph(float_graph: bytes, faces: np.ndarray) -> bytes:
@@ -73,7 +84,7 @@ def quantized_graph(float_graph: bytes, faces: np.ndarray) -> bytes:
             weight_type=QuantType.QInt8,
             nodes_to_exclude=float_nodes(onnx.load(str(prepared))),
             calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"CalibPercentile": ACTIVATION_PERCENTILE},
+            extra_options={"CalibPercentile": ACTIVATION_PERCENTILE, "CalibStridedMinMax": 1},
         )
         return target.read_bytes()
 

@@ -187,7 +187,7 @@ def test_calibrate_records_an_int8_graph_that_cpu_scoring_uses_within_its_tolera
     checkpoint = read_checkpoint(output)
     record = checkpoint["int8"]
     assert record["faces"] == 240 and record["kept"] and record["int8_mae"] - record["float_mae"] <= INT8_TOLERANCE
-    graph = onnx.load_from_string(checkpoint[INT8_GRAPH])
+    graph = onnx.load_from_string(checkpoint[INT8_GRAPH].numpy().tobytes())
     quantized = {node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
     convolutions = [node for node in graph.graph.node if node.op_type == "Conv"]
     pointwise = [node for node in convolutions if node.name not in float_nodes(graph)]
