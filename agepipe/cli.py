@@ -14,9 +14,10 @@ import pkgutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import tyro
+import yaml
 
 from agepipe import config, storage
 from agepipe.cluster import ClusterUnreachable, quiet_ray_data_failures
@@ -129,6 +130,12 @@ def _missing_where_required(settings: Any) -> Any:
     return settings
 
 
+def refuse(command: str, reason: str) -> NoReturn:
+    """End a command whose arguments are wrong, as tyro does: the reason on one line, status 2."""
+    print(f"agepipe {command}: error: {reason}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse(argv: Sequence[str]) -> tuple[str, Invocation]:
     """The command named first in `argv` and its settings: the dataclass defaults, then the `--config`
     file's, then the flags given: the same order for every command."""
@@ -138,12 +145,15 @@ def parse(argv: Sequence[str]) -> tuple[str, Invocation]:
     command, flags = argv[0], list(argv[1:])
     for old, new in RENAMED_FLAGS.items():
         if old in flags:
-            print(f"agepipe {command}: error: {old} is now {new}", file=sys.stderr)
-            raise SystemExit(2)
+            refuse(command, f"{old} is now {new}")
     cls = COMMANDS[command][0]
     without_help = [flag for flag in flags if flag not in ("-h", "--help")]
     common, _ = tyro.cli(CommonOptions, args=without_help, return_unknown_args=True, add_help=False)
-    defaults = Invocation(_missing_where_required(config.load(cls, common.config)), common)
+    try:
+        loaded = config.load(cls, common.config)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:  # no such file, or not these settings
+        refuse(command, str(exc))
+    defaults = Invocation(_missing_where_required(loaded), common)
     prog = f"agepipe {command}"
     invocation = tyro.cli(
         Invocation[cls], args=flags, default=defaults, prog=prog, description=cls.__doc__, config=TYRO_MARKERS

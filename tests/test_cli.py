@@ -143,6 +143,16 @@ def test_score_takes_every_face_unless_told_and_its_help_says_so(
     assert Predictor.from_settings(settings).crop.all_faces is all_faces
 
 
+def test_a_settings_file_that_is_missing_or_names_no_setting_is_refused_on_one_line(tmp_path, capsys) -> None:
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({"crop_overrides": {"encoding": "png"}}))  # score writes no crops
+    for settings_file in (tmp_path / "missing.yaml", wrong):
+        with pytest.raises(SystemExit) as refused:
+            _parse("score", yaml_file=settings_file)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.startswith("agepipe score: error: ")
+
+
 @pytest.mark.parametrize(
     ("command", "old", "new"),
     [("train", "--train-batchnorm", "--no-freeze-batchnorm"), ("score", "--largest-face-only", "--no-all-faces")],
