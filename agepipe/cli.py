@@ -2,8 +2,9 @@
 
 tyro builds each command's flags from its settings dataclass in `config`: the help from the fields,
 their defaults shown. tyro rather than jsonargparse (both tried): tyro flattens nested settings into the
-flags the design's contracts name (`--detector`, `--labels`; jsonargparse gives `--crop.detector`), and
-takes a default instance, which is how a `--config` YAML file sits between the defaults and the flags.
+flags the design's contracts name (`--detector`, `--labels`, `--batch-size`; jsonargparse gives
+`--crop.detector`, `--labels.kind`, `--batch_size` and no help from the fields), and takes a default
+instance, which is how a `--config` YAML file sits between the defaults and the flags.
 """
 
 from __future__ import annotations
