@@ -194,32 +194,38 @@ class ScoringCrop:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
 
 
-class TakesScoringCrop:
-    """A settings dataclass whose `crop_overrides` may be given as a dict (from Python, as before it was a
-    dataclass): it becomes a ScoringCrop."""
+@dataclass
+class ModelAndCrop:
+    """The model a command scores faces with, and how it crops them (evaluate's Grad-CAM)."""
 
-    crop_overrides: ScoringCrop
+    model: str | None = setting(None, help=MODEL_HELP)
+    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
 
     def __post_init__(self) -> None:
-        if isinstance(self.crop_overrides, dict):
+        if isinstance(self.crop_overrides, dict):  # from Python, as it was before it was a dataclass
             self.crop_overrides = ScoringCrop(**self.crop_overrides)
 
 
 @dataclass
-class ScoreSettings(TakesScoringCrop):
+class ScoringModel(ModelAndCrop):
+    """The model, its crop and how its network runs: stated once for score and serve."""
+
+    # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
+    flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
+    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
+    interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
+
+
+@dataclass
+class ScoreSettings(ScoringModel):
     """Batch scoring: images in, one prediction row per face out."""
 
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
-    model: str | None = setting(None, help=MODEL_HELP)
-    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
     labels: LabelSettings = field(default_factory=LabelSettings)
     batch_size: int = setting(256, help="images per actor call and per forward pass (onnxruntime: 32 at a time)")
     concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")
     gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
-    flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
-    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
-    interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     rows_per_file: int = setting(5000, help="prediction rows per Parquet file")
 
 
@@ -302,7 +308,7 @@ class TrainSettings:
 
 
 @dataclass
-class EvaluateSettings(TakesScoringCrop):
+class EvaluateSettings(ModelAndCrop):
     """The evaluation report: a predictions dataset (and its labels) in; plots, metrics.json and
     report.html out. Grad-CAM re-crops sampled faces from their source images with the model and crop
     settings that `score` recorded beside its predictions; `model` and `crop_overrides` override them."""
@@ -312,7 +318,6 @@ class EvaluateSettings(TakesScoringCrop):
     labels: LabelSettings = field(default_factory=LabelSettings)
     run: str | None = setting(None, help="training run folder: adds its training curves (metrics.csv)")
     model: str | None = setting(None, help="checkpoint for Grad-CAM; unset: the one score recorded")
-    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
     gradcam_faces: int = setting(8, help="faces in the Grad-CAM grid (0: none)")
     gallery_photos: int = setting(12, help="scored photos in the gallery, widest age intervals first (0: none)")
     max_scatter_points: int = setting(20_000, help="points in the scatter plot at most")
@@ -359,17 +364,11 @@ class CardSettings:
 
 
 @dataclass
-class ServeSettings(TakesScoringCrop):
+class ServeSettings(ScoringModel):
     """Online scoring over HTTP on Ray Serve: where it listens, input limits, batching, scaling."""
 
     host: str = setting("127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     port: int = setting(8000, help="HTTP port")
-    model: str | None = setting(None, help=MODEL_HELP)
-    crop_overrides: ScoringCrop = field(default_factory=ScoringCrop)
-    # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
-    flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
-    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
-    interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
     # Ray Serve's throughput mode (gRPC from proxy to replica, user code on the replica's event loop, GC
     # frozen after start-up), applied to a Ray that agepipe starts; variables already set win. Direct
     # ingress stays off: without Ray's HAProxy ingress it only opens another port per replica.

@@ -26,9 +26,8 @@ from agepipe.calibrate import Calibration, check_level
 from agepipe.config import (
     MODEL_BATCH_SIZE,
     CropSettings,
-    EvaluateSettings,
-    ScoreSettings,
-    ServeSettings,
+    ModelAndCrop,
+    ScoringModel,
     weight_dirs,
 )
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
@@ -214,19 +213,21 @@ class Predictor:
     @classmethod
     def from_settings(
         cls,
-        settings: ScoreSettings | ServeSettings | EvaluateSettings,
+        settings: ModelAndCrop,
         recorded_crop: dict[str, Any] | None = None,
         **options: Any,
     ) -> Predictor:
         """The Predictor that a scoring command's settings describe: their model, cropped as the model records
         (or as `recorded_crop`, the crop a scoring run recorded) with their `ScoringCrop` over it (every face
-        by default), and their flip_tta, runtime and interval level where they have them. `options` are the
-        caller's own: a device, a batch size."""
-        own = {
-            name: getattr(settings, name)
-            for name in ("flip_tta", "runtime", "interval_level")
-            if hasattr(settings, name)
-        }
+        by default), and for score and serve (`ScoringModel`) their flip_tta, runtime and interval level.
+        `options` are the caller's own: a device, a batch size."""
+        own = {}
+        if isinstance(settings, ScoringModel):
+            own = {
+                "flip_tta": settings.flip_tta,
+                "runtime": settings.runtime,
+                "interval_level": settings.interval_level,
+            }
         crop = {**(recorded_crop or {}), **settings.crop_overrides.given()}
         return cls(settings.model, crop, **{**own, **options})
 
