@@ -19,6 +19,7 @@ import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import TINY_RUN, registered_checkpoints
 
 from agepipe.cluster import recorded_address_file
@@ -157,9 +158,10 @@ def node_running(nodes: list, process_marker: str):
 
 def kill_training_node_after_first_checkpoint(
     cluster, workers, command: list[str], runs: Path, timeout: float = 420, cwd: Path | None = None
-) -> str:
+) -> list[dict]:
     """Run `agepipe COMMAND`; once a Ray Train run under `runs` has registered a checkpoint, kill the
-    worker node that holds its training worker. Returns the command's output."""
+    worker node that holds its training worker. Returns the metrics history that checkpoint holds: a run
+    that resumes from it keeps those rows as they were measured, one that started over measures them anew."""
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     process = subprocess.Popen([sys.executable, "-m", "agepipe.cli", *command], env=env, cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -168,13 +170,16 @@ def kill_training_node_after_first_checkpoint(
     while killed is None:
         assert process.poll() is None, f"ended before a checkpoint: {process.communicate()[0][-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint in time"
-        if any(registered_checkpoints(run) for run in runs.glob("**/ray_train")):
+        registered = [run / name for run in runs.glob("**/ray_train") for name in registered_checkpoints(run)]
+        if registered:
             killed = node_running(workers, "RayTrainWorker")
         time.sleep(0.2)
     cluster.remove_node(killed, allow_graceful=False)
+    saved = torch.load(registered[0] / "state.pt", map_location="cpu", weights_only=True)
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out[-3000:]
-    return out
+    assert saved["epoch"] == 0 and [row["epoch"] for row in saved["history"]] == [0]
+    return saved["history"]
 
 
 # One training worker of 1.5 CPUs, more than the head has: it runs on a worker node, and after that node
@@ -188,9 +193,9 @@ def test_training_finishes_from_its_checkpoint_when_the_training_node_dies(clust
     cluster_handle, workers = cluster
     output = tmp_path / "run"
     command = ["train", "--data", str(small_faces), "--output", str(output), *NODE_LOSS_RUN]
-    out = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
-    assert out.count("'epoch': 0,") == 1, "the run started over instead of resuming"
+    history = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output)
     metrics = pd.read_csv(output / "metrics.csv")
+    assert metrics.iloc[0].to_dict() == pytest.approx(history[0], rel=1e-9), "the run started over"
     assert list(metrics["epoch"]) == [0, 1], "epochs were lost or repeated"
     assert (output / "model.pt").is_file()
 
@@ -206,15 +211,16 @@ def test_tune_trial_resumes_after_its_node_dies_and_asha_stops_the_trial_behind(
     output = tmp_path / "tune"
     command = ["tune", "--config", "space.yaml", "--data", os.path.relpath(small_faces, tmp_path), "--output", "tune",
                *NODE_LOSS_RUN, "--num-samples", "1", "--max-concurrent-trials", "1"]  # fmt: skip
-    out = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output, cwd=tmp_path)
-    assert out.count("'epoch': 0,") == 2, "a trial started over instead of resuming"
+    history = kill_training_node_after_first_checkpoint(cluster_handle, workers, command, output, cwd=tmp_path)
     best = json.loads((output / "best_config.json").read_text())
     assert set(best["config"]) == {"phase1_lr", "dropout"} and best["config"]["phase1_lr"] == 0.003
     trials = pd.read_csv(output / "trials.csv")
     assert len(trials) == 2 and best["val_mae"] == pytest.approx(trials["val_mae"].min())
     iterations = dict(zip(trials["config/searched/phase1_lr"], trials["iterations_run"], strict=True))
     assert iterations == {0.003: 2, 3.0: 1}, "the resumed trial lost an epoch, or ASHA did not stop the one behind"
-    assert list(pd.read_csv(output / "metrics.csv")["epoch"]) == [0, 1], "epochs were lost or repeated"
+    metrics = pd.read_csv(output / "metrics.csv")  # the best trial's: the one whose node died, resumed
+    assert list(metrics["epoch"]) == [0, 1], "epochs were lost or repeated"
+    assert metrics.iloc[0].to_dict() == pytest.approx(history[0], rel=1e-9), "the trial started over"
     model, _, checkpoint = load_checkpoint(str(output / "model.pt"))
     assert model.config.dropout == pytest.approx(best["config"]["dropout"])
     assert checkpoint["val_mae"] == pytest.approx(best["val_mae"])
