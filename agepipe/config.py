@@ -129,11 +129,11 @@ def recorded_crop_settings(values: dict[str, Any]) -> CropSettings:
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Build a settings dataclass from a (possibly nested) dict; unknown keys are an error."""
+    """Build a settings dataclass from a (possibly nested) dict; a key that is none of its settings is an error."""
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise ValueError(f"unknown settings for {cls.__name__}: {sorted(unknown)}")
+    strangers = set(values) - set(known)
+    if strangers:
+        raise ValueError(f"not settings of {cls.__name__}: {sorted(strangers)}")
     hints = {name: f.default_factory for name, f in known.items() if callable(f.default_factory)}
     kwargs = {}
     for name, value in values.items():

@@ -122,7 +122,7 @@ def network_outputs(model: nn.Module, images: torch.Tensor, precision: str) -> d
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over rows with a label (target -1 means unknown)."""
+    """Cross-entropy over rows with a label (target -1: none)."""
     known = target >= 0
     if not known.any():
         return logits.sum() * 0.0
