@@ -206,6 +206,7 @@ def render_card(location: str, checkpoint: dict, metrics: dict, split: Path, mea
         bundled=bundled,
         default=location == str(DEFAULT_MODEL),
         size_mb=os.path.getsize(location) / 2**20 if Path(location).is_file() else None,
+        int8=checkpoint.get("int8"),
         config=checkpoint["model_config"],
         age_head=AGE_HEADS[checkpoint["model_config"]["age_head"]],
         network_count=len(network_records(checkpoint)),
