@@ -111,14 +111,6 @@ COMMANDS: dict[str, tuple[type, str | Callable[[Any], Any], Callable[[Any], str]
 }
 
 
-def flag_for(field: dataclasses.Field, value: Any) -> str:
-    """The command-line text that sets `field` to `value` (a field whose flag is its name)."""
-    flag = "--" + field.name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {value}"
-
-
 def _missing_where_required(settings: Any) -> Any:
     """`settings` with each required field that nothing set marked as tyro's MISSING, nested ones too:
     the command line then asks for it."""
