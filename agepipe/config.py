@@ -212,7 +212,11 @@ class ScoringModel(ModelAndCrop):
 
     # Off: the mirrored pass doubles the model's time per face for a small gain (the model card has it).
     flip_tta: bool = setting(False, help="also run each face mirrored and average the two (twice the model time)")
-    runtime: str | None = setting(None, help="unset: onnx on CPU, torch on GPU")
+    runtime: str | None = setting(
+        None,
+        help="int8, onnx (float) or torch; unset: on a CPU int8 where the model has an int8 graph, else onnx; "
+        "torch on a GPU",
+    )
     interval_level: float | None = setting(None, help=INTERVAL_LEVEL_HELP)
 
 
