@@ -128,12 +128,13 @@ def test_interval_summary_by_group() -> None:
 
 @pytest.fixture(scope="module")
 def calibrated(model_path, small_faces, tmp_path_factory) -> tuple[str, str]:
-    """The test model without its calibration, and calibrated by `agepipe calibrate` on the small crop dataset
-    (faces the model never trained on: it records training on another dataset)."""
+    """The test model without its calibration and int8 graph, and calibrated by `agepipe calibrate` on the small
+    crop dataset (faces the model never trained on: it records training on another dataset)."""
     folder = tmp_path_factory.mktemp("calibrated")
     bare = str(folder / "bare.pt")
     checkpoint = read_checkpoint(model_path)
-    checkpoint.pop("calibration", None)
+    for made_by_calibrate in ("calibration", INT8_GRAPH, "int8"):
+        checkpoint.pop(made_by_calibrate, None)
     save_checkpoint(checkpoint, bare)
     output = str(folder / "calibrated.pt")
     result = run_cli("calibrate", "--model", bare, "--data", str(small_faces), "--output", output)
