@@ -208,29 +208,33 @@ def held_out_faces(checkpoint: dict, data: str) -> tuple[pd.DataFrame, str]:
     return faces, source
 
 
-def face_crops(data: str, faces: pd.DataFrame, batch: int) -> Iterator[list[np.ndarray]]:
-    """The RGB crops of `faces` from the crop dataset `data`, `batch` at a time."""
+def crop_images_of(data: str) -> pd.Series:
+    """The encoded crops of the crop dataset `data`, by (path, face_index): read once for every pass."""
     import pyarrow.parquet as pq
-
-    from agepipe.augment import decode_crop
 
     fs, path = storage.resolve(data)
     table = pq.read_table(path, filesystem=fs, columns=["path", "face_index", "image"])
-    images = table.to_pandas().set_index(["path", "face_index"])["image"]
+    return table.to_pandas().set_index(["path", "face_index"])["image"]
+
+
+def face_crops(images: pd.Series, faces: pd.DataFrame, batch: int) -> Iterator[list[np.ndarray]]:
+    """The RGB crops of `faces` from `images` (`crop_images_of`), `batch` at a time."""
+    from agepipe.augment import decode_crop
+
     for start in range(0, len(faces), batch):
         chunk = faces.iloc[start : start + batch]
         keys = zip(chunk["path"], chunk["face_index"], strict=True)
         yield [decode_crop(images[key]).permute(1, 2, 0).numpy() for key in keys]
 
 
-def predicted_ages(predictor: Predictor, data: str, faces: pd.DataFrame) -> np.ndarray:
-    """The predictor's age for each of `faces`, from their crops in the dataset `data`."""
-    batches = face_crops(data, faces, predictor.batch_size)
+def predicted_ages(predictor: Predictor, images: pd.Series, faces: pd.DataFrame) -> np.ndarray:
+    """The predictor's age for each of `faces`, from their crops in `images` (`crop_images_of`)."""
+    batches = face_crops(images, faces, predictor.batch_size)
     return np.array([row["age"] for crops in batches for row in predictor.predict_crops(crops)])
 
 
 def int8_graph(
-    predictor: Predictor, data: str, faces: pd.DataFrame, float_ages: np.ndarray
+    predictor: Predictor, images: pd.Series, faces: pd.DataFrame, float_ages: np.ndarray
 ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
     """The int8 graph of the predictor's float onnx network (activation ranges from the first of `faces`), its
     ages for `faces`, and the record of its error on them beside the float graph's (`float_ages`)."""
@@ -239,12 +243,12 @@ def int8_graph(
     from agepipe.predict import RUNTIMES
     from agepipe.quantize import CALIBRATION_FACES, keeps_accuracy, quantized_graph
 
-    crops = [crop for batch in face_crops(data, faces.iloc[:CALIBRATION_FACES], 64) for crop in batch]
+    crops = [crop for batch in face_crops(images, faces.iloc[:CALIBRATION_FACES], 64) for crop in batch]
     inputs = predictor.transform(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)).numpy()
     graph = torch.frombuffer(bytearray(quantized_graph(predictor.runtime.onnx, inputs)), dtype=torch.uint8)
     quantized = copy.copy(predictor)
     quantized.runtime = RUNTIMES.create("int8", None, predictor.device, {INT8_GRAPH: graph})
-    ages = predicted_ages(quantized, data, faces)
+    ages = predicted_ages(quantized, images, faces)
     labels = faces["age"].to_numpy(float)
     float_mae, int8_mae = (float(np.abs(predicted - labels).mean()) for predicted in (float_ages, ages))
     record = {"faces": len(faces), "float_mae": float_mae, "int8_mae": int8_mae}
@@ -266,9 +270,10 @@ def calibrate_checkpoint(
     faces, source = held_out_faces(checkpoint, data)
     logger.info("calibrating %s on %d faces: %s", uri, len(faces), source)
     predictor = Predictor(uri, device="cpu", runtime="onnx")
-    ages = predicted_ages(predictor, data, faces)
+    images = crop_images_of(data)
+    ages = predicted_ages(predictor, images, faces)
     if int8 and not checkpoint.get("members"):
-        graph, int8_ages, checkpoint["int8"] = int8_graph(predictor, data, faces, ages)
+        graph, int8_ages, checkpoint["int8"] = int8_graph(predictor, images, faces, ages)
         if checkpoint["int8"]["kept"]:
             checkpoint[INT8_GRAPH], ages = graph, int8_ages
     calibration = fit_calibration(ages, faces["age"].to_numpy(float), level, source=source)
