@@ -227,10 +227,11 @@ class ScoreSettings(ScoringModel):
     input: str = setting("", help="folder or s3:// prefix of images (recursive)", required=True)
     output: str = setting("", help="folder or s3:// prefix for the predictions Parquet", required=True)
     labels: LabelSettings = field(default_factory=LabelSettings)
-    batch_size: int = setting(256, help="images per actor call and per forward pass (onnxruntime: 32 at a time)")
+    batch_size: int = setting(
+        256, help="images per actor call, per forward pass (onnxruntime: 32 at a time) and per Parquet file"
+    )
     concurrency: int | None = setting(None, help="scoring actors; unset: one per CPU")
     gpu_fraction: float = setting(0.25, help="of a GPU per scoring actor")
-    rows_per_file: int = setting(5000, help="prediction rows per Parquet file")
 
 
 @dataclass

@@ -5,6 +5,10 @@ clusters one pool reads, crops (the crop job's function) and runs the model;
 when the cluster has GPUs, cropping stays on CPU actors (a YOLO detector's with a
 GPU share) and the model runs on actors holding a fraction of a GPU. Every input image gets a row (scored,
 `no_face`, or an error), and re-running into the same output resumes.
+
+The actor that scores a batch writes it as one Parquet file named after the batch's paths, as the crop job
+does: a retried batch replaces its own file, and no write stage waits for the last batch to start its own
+worker.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from agepipe.batch import (
     JobSummary,
     detection_pool,
     limit_threads,
+    part_name,
     path_dataset,
     plan_inputs,
     read_and_crop,
     rows_to_table,
     summarize_output,
     worker_count,
+    write_part,
 )
 from agepipe.cluster import init_ray
 from agepipe.config import LabelSettings, ScoreSettings, to_dict
@@ -69,19 +75,25 @@ def score_rows(rows: list[dict[str, Any]], predictor: Predictor) -> list[dict[st
 
 
 class _LabelledOutput:
-    """Turns scored rows into the output table, with label columns when labels are asked for."""
+    """Writes a batch's scored rows as its Parquet file of the output, with label columns when labels are
+    asked for."""
 
-    def __init__(self, label_settings: LabelSettings, input_root: str) -> None:
-        self.label_settings = label_settings
-        self.with_labels = label_settings.kind != "none"
-        self.label_fn = labels_lib.label_source(label_settings, input_root) if self.with_labels else None
+    def __init__(self, settings: ScoreSettings) -> None:
+        self.label_settings = settings.labels
+        self.output = settings.output
+        self.with_labels = settings.labels.kind != "none"
+        self.label_fn = labels_lib.label_source(settings.labels, settings.input) if self.with_labels else None
         self.schema = output_schema(self.with_labels)
 
-    def table(self, rows: list[dict[str, Any]]) -> pa.Table:
+    def write(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Write the rows of one batch (each of its paths has at least one); returns the row count."""
         if self.with_labels:
             for row in rows:
                 row.update(label_columns(row["path"], self.label_fn, self.label_settings))
-        return rows_to_table(rows, self.schema)
+        # Named by its rows, not only its paths: the model stage's batches may split one photo's faces.
+        keys = [f"{row['path']}\t{row['face_index']}" for row in rows]
+        write_part(rows_to_table(rows, self.schema), self.output, part_name(keys))
+        return {"rows": np.array([len(rows)])}
 
 
 class ScoreWorker(_LabelledOutput):
@@ -93,14 +105,14 @@ class ScoreWorker(_LabelledOutput):
     def __init__(self, settings: ScoreSettings, threads: int, predictor: Predictor) -> None:
         import torch
 
-        super().__init__(settings.labels, settings.input)
+        super().__init__(settings)
         torch.set_num_threads(threads)
         limit_threads(threads)
         self.predictor = predictor
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = cropped_rows(batch, self.predictor)
-        return self.table(score_rows(rows, self.predictor))
+        return self.write(score_rows(rows, self.predictor))
 
 
 class CropStageWorker:
@@ -127,15 +139,15 @@ class ModelStageWorker(_LabelledOutput):
     """GPU clusters, stage 2 on actors holding a GPU fraction: score the crops."""
 
     def __init__(self, settings: ScoreSettings) -> None:
-        super().__init__(settings.labels, settings.input)
+        super().__init__(settings)
         self.predictor = Predictor.from_settings(settings, batch_size=settings.batch_size)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = batch.to_pylist()
         for row in rows:
             data, shape = row.pop("crop"), row.pop("crop_shape")
             row["crop"] = None if data is None else np.frombuffer(data, np.uint8).reshape(shape)
-        return self.table(score_rows(rows, self.predictor))
+        return self.write(score_rows(rows, self.predictor))
 
 
 SCORE_SETTINGS_FILE = "_agepipe_score.json"
@@ -210,9 +222,6 @@ def run_score(settings: ScoreSettings) -> JobSummary:
                 num_cpus=1,
                 batch_format="numpy",
             )
-        fs, out_path = storage.resolve(settings.output)
-        dataset.write_parquet(
-            out_path, filesystem=fs, min_rows_per_file=settings.rows_per_file, ray_remote_args={"num_cpus": 0}
-        )
+        dataset.materialize()  # runs the job; what it holds is one row count per file
     summary.seconds = time.perf_counter() - started
     return summarize_output(settings.output, set(todo), summary)

@@ -133,14 +133,13 @@ def test_crop_is_exactly_once_when_worker_nodes_die(cluster, images, yunet_weigh
 
 def test_score_is_exactly_once_when_worker_nodes_die(cluster, images, model_path, tmp_path):
     output = tmp_path / "scores"
-    settings = tmp_path / "score.yaml"
-    settings.write_text(f"rows_per_file: {BATCH}\n")  # a file a batch, so that the kills land between writes
     cluster_handle, workers = cluster
     command = ["score", "--input", str(images), "--output", str(output), "--model", model_path,
-               "--detector", "none", "--batch-size", str(BATCH), "--config", str(settings)]  # fmt: skip
+               "--detector", "none", "--batch-size", str(BATCH)]  # fmt: skip
     run_with_nodes_killed(cluster_handle, workers, command, output, KILL_POINTS)
     frame = assert_exactly_once(output, images)
     assert len(frame) == IMAGES and frame["error"].isna().all()
+    assert not list(output.glob("_tmp-*")), "a temporary file was left behind"
 
 
 def node_running(nodes: list, process_marker: str):

@@ -100,7 +100,7 @@ def test_crop_score_and_evaluate_over_s3_through_slowdowns_and_an_outage(
     # One actor, small batches and files: the job reads, scores and writes a few images at a time, and
     # the store goes down after the first third of the images was read.
     config = tmp_path / "small_files.yaml"
-    config.write_text("rows_per_file: 4\nbatch_size: 4\nconcurrency: 1\n")
+    config.write_text("batch_size: 4\nconcurrency: 1\n")
     faulty_s3.policy.outage_after("/photos/raw/", reads=len(inputs) // 3, seconds=OUTAGE_S)
     score_args = ["score", "--config", str(config), "--input", "s3://photos/raw", "--output", "s3://photos/scores",
                   "--model", "s3://models/fast.pt", "--detector", "yunet", "--detector-weights",
