@@ -354,6 +354,11 @@ def read_checkpoint(uri: str) -> dict:
 def load_checkpoint(uri: str) -> tuple[AgeNetwork, CropSettings, dict]:
     """Model (eval mode, float32), the crop settings it was trained with, and the raw checkpoint."""
     checkpoint = read_checkpoint(uri)
+    return network_from_checkpoint(checkpoint), recorded_crop_settings(checkpoint["crop"]), checkpoint
+
+
+def network_from_checkpoint(checkpoint: dict) -> AgeNetwork:
+    """A read checkpoint's network (an ensemble where it has members), eval mode, float32."""
     config = from_dict(ModelConfig, checkpoint["model_config"])
     members = checkpoint.get("members")
     if members:
@@ -362,7 +367,7 @@ def load_checkpoint(uri: str) -> tuple[AgeNetwork, CropSettings, dict]:
         model = AgeModel(config, backbone_weights=False)
     model.load_state_dict(float_state(checkpoint["state_dict"]))
     model.eval()
-    return model, recorded_crop_settings(checkpoint["crop"]), checkpoint
+    return model
 
 
 def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from agepipe.config import (
     CropSettings,
     ModelAndCrop,
     ScoringModel,
+    from_dict,
+    recorded_crop_settings,
     weight_dirs,
 )
 from agepipe.detectors import DETECTOR_WEIGHT_URLS, Detector, create_detector
@@ -39,10 +41,11 @@ from agepipe.model import (
     AgeNetwork,
     ModelConfig,
     age_estimate,
-    load_checkpoint,
     mixture,
     model_input,
     model_location,
+    network_from_checkpoint,
+    read_checkpoint,
 )
 from agepipe.registry import Registry
 
@@ -70,8 +73,8 @@ def resolve_detector_weights(crop: CropSettings) -> CropSettings:
 class TorchRuntime:
     """The network in eager PyTorch, on its device (the GPU path, and the reference), channels-last."""
 
-    def __init__(self, model: AgeNetwork, device: torch.device, checkpoint: dict[str, Any]) -> None:
-        self.model = model.to(memory_format=torch.channels_last)
+    def __init__(self, network: Callable[[], AgeNetwork], device: torch.device, checkpoint: dict[str, Any]) -> None:
+        self.model = network().to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,8 +95,8 @@ class OnnxRuntime:
 
     max_batch = 32
 
-    def __init__(self, model: AgeNetwork, device: torch.device, checkpoint: dict[str, Any]) -> None:
-        self.onnx = float_graph(model)
+    def __init__(self, network: Callable[[], AgeNetwork], device: torch.device, checkpoint: dict[str, Any]) -> None:
+        self.onnx = float_graph(network())
         self._session: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class Int8Runtime(OnnxRuntime):
     """The int8 graph that `agepipe calibrate` recorded in the checkpoint (agepipe/quantize.py), on
     onnxruntime: about twice the float graph's faces per CPU second."""
 
-    def __init__(self, model: AgeNetwork, device: torch.device, checkpoint: dict[str, Any]) -> None:
+    def __init__(self, network: Callable[[], AgeNetwork], device: torch.device, checkpoint: dict[str, Any]) -> None:
         if INT8_GRAPH not in checkpoint:
             raise ValueError(
                 "this checkpoint has no int8 graph: `agepipe calibrate --model MODEL --data FACES` makes one"
@@ -153,9 +156,10 @@ def float_graph(model: AgeNetwork) -> bytes:
 
 
 OUTPUT_NAMES = ["age", "group", "gender"]
-# Each runtime is made from the float network, its device and the checkpoint it came from.
+# Each runtime is made from a maker of the float network (built only for a runtime that runs it), its device
+# and the checkpoint it came from.
 Runtime = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-RUNTIMES: Registry[Callable[[AgeNetwork, torch.device, dict[str, Any]], Runtime]] = Registry(
+RUNTIMES: Registry[Callable[[Callable[[], AgeNetwork], torch.device, dict[str, Any]], Runtime]] = Registry(
     "runtime", {"torch": TorchRuntime, "onnx": OnnxRuntime, "int8": Int8Runtime}
 )
 
@@ -170,8 +174,9 @@ def default_runtime(device: torch.device, checkpoint: dict[str, Any]) -> str:
 class Predictor:
     """Faces and their age, age group and gender, from images or already-cropped faces.
 
-    With the onnx runtime it pickles without its PyTorch model (the exported network carries the
-    weights), so a copy unpickled in a Ray actor scores but has no `model` for Grad-CAM.
+    Its PyTorch network (`model`) is built from the checkpoint when first asked for: the int8 runtime scores
+    without it, and without importing timm. With onnxruntime it pickles without it (the exported network
+    carries the weights), so a copy unpickled in a Ray actor scores but has no `model` for Grad-CAM.
     """
 
     def __init__(
@@ -186,15 +191,16 @@ class Predictor:
         interval_level: float | None = None,
     ) -> None:
         self.model_uri = model_location(model_uri)
-        model, crop, checkpoint = load_checkpoint(self.model_uri)
+        checkpoint = read_checkpoint(self.model_uri)
         given = {name: value for name, value in (crop_overrides or {}).items() if value is not None}
-        self.crop = resolve_detector_weights(dataclasses.replace(crop, **given))
+        self.crop = resolve_detector_weights(dataclasses.replace(recorded_crop_settings(checkpoint["crop"]), **given))
         check_crop_names(self.crop)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: AgeNetwork | None = model.to(self.device)
-        self.config: ModelConfig = model.config
+        self.config: ModelConfig = from_dict(ModelConfig, checkpoint["model_config"])
+        self._checkpoint: dict[str, Any] | None = checkpoint
+        self._model: AgeNetwork | None = None
         self.runtime_name = runtime or default_runtime(self.device, checkpoint)
-        self.runtime = RUNTIMES.create(self.runtime_name, self.model, self.device, checkpoint)
+        self.runtime = RUNTIMES.create(self.runtime_name, self._network, self.device, checkpoint)
         self.flip_tta = flip_tta
         self.batch_size = batch_size
         self.checkpoint_info = {k: checkpoint.get(k) for k in ("val_mae", "epoch")}
@@ -232,10 +238,22 @@ class Predictor:
         return cls(settings.model, crop, **{**own, **options})
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {**self.__dict__, "_detector": None}  # detectors hold native handles; rebuilt on first use
+        state = {**self.__dict__, "_detector": None, "_checkpoint": None}  # detectors hold native handles
         if isinstance(self.runtime, OnnxRuntime):
-            state["model"] = None
+            state["_model"] = None
         return state
+
+    @property
+    def model(self) -> AgeNetwork | None:
+        """The PyTorch network (Grad-CAM, the torch runtime); None in a copy unpickled without it."""
+        if self._model is None and self._checkpoint is not None:
+            self._model = network_from_checkpoint(self._checkpoint).to(self.device)
+        return self._model
+
+    def _network(self) -> AgeNetwork:
+        model = self.model
+        assert model is not None  # the runtimes are made where the checkpoint is still held
+        return model
 
     @property
     def detector(self) -> Detector:
