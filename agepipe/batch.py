@@ -72,6 +72,8 @@ def completed_paths(output: str) -> set[str]:
 
     A Parquet file that cannot be read (torn by an interrupted write) is deleted, and so is a
     temporary file a writer left before its rename: their images are done again, not lost or doubled.
+    A store that fails or refuses the read stops the plan instead (StorageUnavailable, PermissionError):
+    the file is not at fault, and deleting it would throw its work away.
     """
     fs, root = storage.resolve(output)
     info = fs.get_file_info(root)
@@ -85,8 +87,10 @@ def completed_paths(output: str) -> set[str]:
         if entry.type != pafs.FileType.File or not entry.path.endswith(".parquet"):
             continue
         try:
-            with fs.open_input_file(entry.path) as f:
+            with storage.unavailable_as_storage_error(output), fs.open_input_file(entry.path) as f:
                 done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+        except PermissionError:
+            raise
         except (OSError, pa.ArrowInvalid) as exc:
             logger.warning("removing unreadable output file %s (%s)", entry.path, exc)
             fs.delete_file(entry.path)
@@ -96,6 +100,7 @@ def completed_paths(output: str) -> set[str]:
 def plan_inputs(input_uri: str, output_uri: str) -> tuple[list[str], JobSummary]:
     """Images still to do and the summary so far; raises StorageError when storage is unusable."""
     images, other_files = storage.list_images(input_uri)
+    storage.require_bucket(output_uri)
     done = completed_paths(output_uri)
     todo = [p for p in images if p not in done]
     # Listing order often follows the labels (UTKFace names start with the age); a seeded shuffle
@@ -176,14 +181,17 @@ def limit_threads(threads: int) -> None:
     cv2.setNumThreads(threads)
 
 
-def read_payloads(paths: list[str], threads: int = 8) -> list[bytes | None]:
-    """File contents for each URI, None where the file cannot be read (remote reads overlap)."""
+def read_payloads(paths: list[str], threads: int = 8) -> list[bytes | str]:
+    """File contents for each URI, or why a file cannot be read: `denied` where the store refuses it,
+    else `unreadable` (remote reads overlap)."""
 
-    def read(path: str) -> bytes | None:
+    def read(path: str) -> bytes | str:
         try:
             return storage.read_bytes(path)
+        except PermissionError:
+            return "denied"
         except OSError:
-            return None
+            return "unreadable"
 
     if len(paths) <= 1 or not storage.is_remote(paths[0]):
         return [read(p) for p in paths]
@@ -202,16 +210,17 @@ def read_and_crop(
     """Face rows (`faces.face_row`, crop attached) for a batch of image URIs; every path gets at least one.
 
     `crop_payloads` decodes, detects and crops (`faces.crop_images` with a detector and crop settings);
-    a file that cannot be read gets an `unreadable` row. Files are read READ_CHUNK at a time, so a batch
-    never holds all its files' bytes."""
-    unreadable = [face_row(detector_name, error="unreadable")]
+    a file that cannot be read gets a row with the reason (`denied`, `unreadable`). Files are read READ_CHUNK
+    at a time, so a batch never holds all its files' bytes."""
     rows = []
     for start in range(0, len(paths), READ_CHUNK):
         chunk = paths[start : start + READ_CHUNK]
         payloads = read_payloads(chunk)
-        readable = [i for i, payload in enumerate(payloads) if payload is not None]
+        readable = [i for i, payload in enumerate(payloads) if isinstance(payload, bytes)]
         cropped = dict(zip(readable, crop_payloads([payloads[i] for i in readable]), strict=True))
-        rows += [{**face, "path": path} for index, path in enumerate(chunk) for face in cropped.get(index, unreadable)]
+        for index, path in enumerate(chunk):
+            faces = cropped.get(index) or [face_row(detector_name, error=payloads[index])]
+            rows += [{**face, "path": path} for face in faces]
     return rows
 
 

@@ -304,6 +304,19 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
 
+def require_bucket(uri: str) -> None:
+    """Refuse an `s3://` output whose bucket does not exist: s3fs would create it on the first write, so a
+    mistyped bucket name would become a new bucket."""
+    if not uri.startswith("s3://"):
+        return
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    fs, _ = resolve(uri)
+    with named_errors(uri, "write to"):
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    if missing:
+        raise StorageError(f"output {uri!r}: bucket {bucket!r} does not exist (agepipe does not create buckets)")
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     with named_errors(uri, "read"):

@@ -40,6 +40,7 @@ class FaultPolicy:
         self.fail_share = fail_share
         self.random = random.Random(seed)
         self.denied_buckets: set[str] = set()
+        self.denied_paths: set[str] = set()  # objects refused one by one, as "/bucket/key"
         self.outage_until = 0.0
         self.outage_trigger: tuple[str, int, float] | None = None
         self.counts: Counter[str] = Counter()
@@ -67,7 +68,7 @@ class FaultPolicy:
                     self.outage_until = time.monotonic() + seconds
             if self.in_outage():
                 fault = "outage"
-            elif bucket in self.denied_buckets:
+            elif bucket in self.denied_buckets or path.split("?", 1)[0] in self.denied_paths:
                 fault = "denied"
             elif self.random.random() < self.fail_share:
                 fault = "slowdown"

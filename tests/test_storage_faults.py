@@ -23,6 +23,7 @@ from faultproxy import FaultProxy
 from helpers import run_cli
 
 from agepipe import storage
+from agepipe.batch import completed_paths, read_payloads
 from agepipe.cli import failure_line, main
 from agepipe.model import BUNDLED_MODELS
 
@@ -167,6 +168,45 @@ def test_missing_bucket_denied_access_and_dead_endpoint_fail_fast_naming_the_uri
     assert source in line
     expected = {"missing bucket": "does not exist", "denied": "access denied", "dead endpoint": "did not answer"}
     assert expected[fault] in line
+
+
+def test_an_output_bucket_that_does_not_exist_fails_fast_and_is_not_created(faulty_s3, utkface_dir):
+    faulty_s3.client.create_bucket(Bucket="photos")
+    upload_faces(faulty_s3.client, utkface_dir, "photos", "raw", 1)
+    started = time.monotonic()
+    result = run_cli("crop", "--input", "s3://photos/raw", "--output", "s3://typo/faces", "--detector", "none")
+    assert time.monotonic() - started < FAIL_FAST_S
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("agepipe crop:")]
+    assert "s3://typo/faces" in line and "does not exist" in line
+    assert "typo" not in {bucket["Name"] for bucket in faulty_s3.client.list_buckets()["Buckets"]}
+
+
+def test_an_object_the_store_refuses_is_recorded_as_denied(faulty_s3, utkface_dir):
+    faulty_s3.client.create_bucket(Bucket="photos")
+    allowed, refused = upload_faces(faulty_s3.client, utkface_dir, "photos", "raw", 2)
+    faulty_s3.policy.denied_paths.add(refused.removeprefix("s3:/"))
+    payloads = read_payloads([allowed, refused, "s3://photos/raw/gone.jpg"])
+    assert payloads[0] == (utkface_dir / allowed.rsplit("/", 1)[1]).read_bytes()
+    assert payloads[1:] == ["denied", "unreadable"]
+
+
+def test_resuming_deletes_a_torn_output_file_but_keeps_one_the_store_would_not_serve(faulty_s3):
+    """A rerun reads what is done. A torn file's images are done again; a file the store fails to serve
+    (retries run out) stops the plan, and is still there for the rerun once the store answers."""
+    client = faulty_s3.client
+    client.create_bucket(Bucket="photos")
+    done = io.BytesIO()
+    pd.DataFrame({"path": ["s3://photos/raw/a.jpg"]}).to_parquet(done)
+    client.put_object(Bucket="photos", Key="scores/part-a.parquet", Body=done.getvalue())
+    client.put_object(Bucket="photos", Key="scores/part-torn.parquet", Body=done.getvalue()[:40])
+    assert completed_paths("s3://photos/scores") == {"s3://photos/raw/a.jpg"}
+    assert list_parquet(client) == ["scores/part-a.parquet"]
+
+    faulty_s3.policy.outage_after("/photos/scores/part-a", reads=1, seconds=OUTAGE_S)
+    with pytest.raises(storage.StorageUnavailable, match="did not answer for s3://photos/scores"):
+        completed_paths("s3://photos/scores")
+    assert list_parquet(client) == ["scores/part-a.parquet"]
 
 
 def test_an_outage_is_found_behind_the_errors_that_wrap_it():
