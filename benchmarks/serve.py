@@ -315,12 +315,21 @@ def soak(args: argparse.Namespace) -> None:
     rows = [latency_row("all", results, elapsed)] + [
         latency_row(kind, [r for r in results if r[0] == kind], elapsed) for kind in SOAK_MIX
     ]
-    marks = {"start": 0.0, "minute 2": 2.0, "middle": args.minutes / 2, "end": args.minutes}
+    # Minute 2 to minute 10 is the target's window; a longer soak also shows whether growth levels off.
+    marks = {"start": 0.0, "minute 2": 2.0, "minute 10": 10.0, "middle": args.minutes / 2, "end": args.minutes}
+    marks = dict(sorted(((k, v) for k, v in marks.items() if v <= args.minutes), key=lambda item: item[1]))
+    if args.minutes <= 10:
+        marks.pop("minute 10", None)  # the end itself, or past it
     memory = {mark: at_minute(samples, minute) for mark, minute in marks.items()}
+    windows = {"minute 2 to the end": "end", "minute 2 to minute 10": "minute 10"}
     growth = {
-        role: round(100 * (memory["end"][role] / memory["minute 2"][role] - 1), 1)
-        for role in memory["end"]
-        if role != "t_s" and memory["minute 2"].get(role)
+        window: {
+            role: round(100 * (memory[last][role] / memory["minute 2"][role] - 1), 1)
+            for role in memory[last]
+            if role != "t_s" and memory["minute 2"].get(role)
+        }
+        for window, last in windows.items()
+        if last in memory
     }
     server_errors = sum(count for key, count in statuses.items() if key.split()[-1].startswith("5"))
     summary = {
@@ -334,7 +343,7 @@ def soak(args: argparse.Namespace) -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "server_errors": server_errors,
-        "memory_growth_minute2_to_end_percent": growth,
+        "memory_growth_percent": growth,
     }
     memory_rows = [{"when": mark, **sample} for mark, sample in memory.items()]
     text = (
@@ -345,8 +354,11 @@ def soak(args: argparse.Namespace) -> None:
         f"{markdown_table(rows, float_format='')}\n\nStatus codes: "
         f"{', '.join(f'{key}: {count}' for key, count in sorted(statuses.items()))}; 5xx: {server_errors}.\n\n"
         f"Resident memory (MB) of the Serve processes, each role's processes together:\n\n"
-        f"{markdown_table(memory_rows, float_format='')}\n\nGrowth from minute 2 to the end: "
-        f"{', '.join(f'{role} {value:+.1f}%' for role, value in growth.items())}.\n"
+        f"{markdown_table(memory_rows, float_format='')}\n\n"
+        + "".join(
+            f"Growth from {window}: {', '.join(f'{role} {value:+.1f}%' for role, value in roles.items())}.\n"
+            for window, roles in growth.items()
+        )
     )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{args.results}.md").write_text(f"# Serve soak\n\n{text}")
