@@ -85,14 +85,13 @@ class _LabelledOutput:
         self.label_fn = labels_lib.label_source(settings.labels, settings.input) if self.with_labels else None
         self.schema = output_schema(self.with_labels)
 
-    def write(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """Write the rows of one batch (each of its paths has at least one); returns the row count."""
+    def write(self, rows: list[dict[str, Any]], batch_keys: list[str]) -> dict[str, np.ndarray]:
+        """Write the rows of one batch as the file named after `batch_keys`, what a retry of the batch
+        has too; returns the row count."""
         if self.with_labels:
             for row in rows:
                 row.update(label_columns(row["path"], self.label_fn, self.label_settings))
-        # Named by its rows, not only its paths: the model stage's batches may split one photo's faces.
-        keys = [f"{row['path']}\t{row['face_index']}" for row in rows]
-        write_part(rows_to_table(rows, self.schema), self.output, part_name(keys))
+        write_part(rows_to_table(rows, self.schema), self.output, part_name(batch_keys))
         return {"rows": np.array([len(rows)])}
 
 
@@ -112,7 +111,8 @@ class ScoreWorker(_LabelledOutput):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = cropped_rows(batch, self.predictor)
-        return self.write(score_rows(rows, self.predictor))
+        # Named by its paths, as crop's files: a retry whose reads fail otherwise still replaces the file.
+        return self.write(score_rows(rows, self.predictor), [str(p) for p in batch["path"]])
 
 
 class CropStageWorker:
@@ -147,7 +147,8 @@ class ModelStageWorker(_LabelledOutput):
         for row in rows:
             data, shape = row.pop("crop"), row.pop("crop_shape")
             row["crop"] = None if data is None else np.frombuffer(data, np.uint8).reshape(shape)
-        return self.write(score_rows(rows, self.predictor))
+        # Named by its faces: the crop stage's rows may split one photo's faces over two batches.
+        return self.write(score_rows(rows, self.predictor), [f"{row['path']}\t{row['face_index']}" for row in rows])
 
 
 SCORE_SETTINGS_FILE = "_agepipe_score.json"

@@ -22,7 +22,7 @@ from agepipe.metrics import interval_summary
 from agepipe.model import DEFAULT_MODEL
 from agepipe.predict import Predictor
 from agepipe.scenes import compose_scene
-from agepipe.score import cropped_rows, run_score, score_rows
+from agepipe.score import CropStageWorker, ModelStageWorker, ScoreWorker, cropped_rows, run_score, score_rows
 
 CONTRACT = {"path", "face_index", "x1", "y1", "x2", "y2", "age", "age_low", "age_high", "age_group", "gender", "error"}
 CARD_METRICS = DEFAULT_MODEL.with_name(f"{DEFAULT_MODEL.stem}_metrics.json")
@@ -161,6 +161,32 @@ def test_s3_input_and_output(s3_server, utkface_dir, model_path) -> None:
     )
     assert sorted(frame["path"]) == sorted(f"s3://bucket/new/{n}" for n in names)
     assert frame["age"].notna().all() and frame["label_age"].notna().all()
+
+
+def test_the_gpu_paths_two_stages_write_the_cpu_actors_rows_and_a_retried_batch_replaces_its_file(
+    model_path, utkface_dir, tmp_path
+) -> None:
+    """The workers without Ray (the GPU path's run here on the CPU): crops cross as bytes to the model stage,
+    which writes the rows the one CPU actor writes, one file per batch; a batch run twice leaves one file."""
+    images = _link(sorted(utkface_dir.iterdir())[:6], tmp_path / "in")
+    batch = {"path": np.array(sorted(map(str, images.iterdir())))}
+    settings = ScoreSettings(
+        input=str(images), output=str(tmp_path / "cpu"), model=model_path, crop_overrides={"detector": "none"}
+    )
+    predictor = Predictor.from_settings(settings, device="cpu")
+    cpu_actor = ScoreWorker(settings, threads=1, predictor=predictor)
+    assert cpu_actor(batch)["rows"].tolist() == [6]
+    cpu_actor(batch)  # Ray Data's retry of the same batch
+    assert len(list((tmp_path / "cpu").glob("*.parquet"))) == 1
+
+    crops = CropStageWorker(predictor)(batch)
+    model_stage = ModelStageWorker(ScoreSettings(**{**settings.__dict__, "output": str(tmp_path / "gpu")}))
+    for part in (crops.slice(0, 4), crops.slice(4)):
+        model_stage(part)
+    assert len(list((tmp_path / "gpu").glob("*.parquet"))) == 2
+    cpu, gpu = (pq.read_table(tmp_path / name).to_pandas().sort_values("path") for name in ("cpu", "gpu"))
+    assert cpu["path"].tolist() == gpu["path"].tolist() == batch["path"].tolist()
+    assert np.allclose(cpu["age"], gpu["age"], atol=1e-3) and (cpu["gender"].values == gpu["gender"].values).all()
 
 
 def test_interrupted_run_resumed_gives_the_same_rows(model_path, utkface_dir, tmp_path) -> None:
