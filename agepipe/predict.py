@@ -248,6 +248,7 @@ class Predictor:
         """The PyTorch network (Grad-CAM, the torch runtime); None in a copy unpickled without it."""
         if self._model is None and self._checkpoint is not None:
             self._model = network_from_checkpoint(self._checkpoint).to(self.device)
+            self._checkpoint = None  # the network holds its weights now
         return self._model
 
     def _network(self) -> AgeNetwork:
