@@ -336,7 +336,7 @@ def soak(args: argparse.Namespace) -> None:
         "minutes": args.minutes,
         "clients": args.clients,
         "mix": SOAK_MIX,
-        "model": args.model,
+        "model": args.model or "default",
         "replicas": settings.min_replicas,
         "replica_cpus": settings.num_cpus,
         "cpus": os.cpu_count(),
@@ -349,7 +349,7 @@ def soak(args: argparse.Namespace) -> None:
     text = (
         f"`benchmarks/serve.py --soak --minutes {args.minutes} --clients {args.clients}`: two model replicas "
         f"(one CPU each) and the HTTP ingress on local Ray, {summary['cpus']} CPUs shared with the clients; "
-        f"model {args.model or 'default'} with its checkpoint's YuNet, every face. Mix: {SOAK_MIX}. Load average "
+        f"model {summary['model']} with its checkpoint's YuNet, every face. Mix: {SOAK_MIX}. Load average "
         f"before/after: {summary['load_average_before']} / {summary['load_average_after']}.\n\n"
         f"{markdown_table(rows, float_format='')}\n\nStatus codes: "
         f"{', '.join(f'{key}: {count}' for key, count in sorted(statuses.items()))}; 5xx: {server_errors}.\n\n"
@@ -405,7 +405,7 @@ def main() -> None:
         "replica_cpus": ServeSettings().num_cpus,
         "batch_sizes": BATCH_SIZES,
         "seconds_per_cell": args.seconds,
-        "model": args.model,
+        "model": args.model or "default",
         "flip_tta": ServeSettings().flip_tta,
         "ray_serve_env": ServeSettings().ray_serve_env,
     }
