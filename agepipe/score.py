@@ -6,9 +6,9 @@ when the cluster has GPUs, cropping stays on CPU actors (a YOLO detector's with 
 GPU share) and the model runs on actors holding a fraction of a GPU. Every input image gets a row (scored,
 `no_face`, or an error), and re-running into the same output resumes.
 
-The actor that scores a batch writes it as one Parquet file named after the batch's paths, as the crop job
-does: a retried batch replaces its own file, and no write stage waits for the last batch to start its own
-worker.
+The actor that scores a batch writes it as one Parquet file named after the batch's inputs (its paths; on
+the GPU path its faces), as the crop job does: a retried batch replaces its own file, and no write stage
+waits for the last batch to start its own worker.
 """
 
 from __future__ import annotations

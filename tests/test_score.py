@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -180,7 +181,7 @@ def test_the_gpu_paths_two_stages_write_the_cpu_actors_rows_and_a_retried_batch_
     assert len(list((tmp_path / "cpu").glob("*.parquet"))) == 1
 
     crops = CropStageWorker(predictor)(batch)
-    model_stage = ModelStageWorker(ScoreSettings(**{**settings.__dict__, "output": str(tmp_path / "gpu")}))
+    model_stage = ModelStageWorker(dataclasses.replace(settings, output=str(tmp_path / "gpu")))
     for part in (crops.slice(0, 4), crops.slice(4)):
         model_stage(part)
     assert len(list((tmp_path / "gpu").glob("*.parquet"))) == 2
