@@ -30,7 +30,7 @@ import pandas as pd
 
 from agepipe import storage
 from agepipe.config import CalibrateSettings, TrainSettings, from_dict
-from agepipe.model import INT8_GRAPH, model_location, read_checkpoint, save_checkpoint
+from agepipe.model import INT8_AGE_SHIFT, INT8_GRAPH, model_location, read_checkpoint, save_checkpoint
 from agepipe.train_data import plan_dataset, read_labels, usable_rows
 
 if TYPE_CHECKING:
@@ -237,7 +237,9 @@ def int8_graph(
     predictor: Predictor, images: pd.Series, faces: pd.DataFrame, float_ages: np.ndarray
 ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
     """The int8 graph of the predictor's float onnx network (activation ranges from the first of `faces`), its
-    ages for `faces`, and the record of its error on them beside the float graph's (`float_ages`)."""
+    ages for `faces`, and its record: for a regression head the age shift that maps its ages onto the float
+    graph's (`float_ages`; fitted on the same faces, as it needs no labels), and its error on them beside the
+    float graph's, with the shift and without."""
     import torch
 
     from agepipe.predict import RUNTIMES
@@ -250,8 +252,15 @@ def int8_graph(
     quantized.runtime = RUNTIMES.create("int8", None, predictor.device, {INT8_GRAPH: graph})
     ages = predicted_ages(quantized, images, faces)
     labels = faces["age"].to_numpy(float)
+    record: dict[str, Any] = {"faces": len(faces), "unshifted_mae": float(np.abs(ages - labels).mean())}
+    if predictor.config.age_head == "regression":
+        knots, shifts, _ = fit_curves(ages, float_ages - ages)
+        record[INT8_AGE_SHIFT] = {"knot_ages": knots.tolist(), "shifts": shifts.tolist()}
+        shifted = {INT8_GRAPH: graph, "int8": record}
+        quantized.runtime = RUNTIMES.create("int8", None, predictor.device, shifted)
+        ages = predicted_ages(quantized, images, faces)
     float_mae, int8_mae = (float(np.abs(predicted - labels).mean()) for predicted in (float_ages, ages))
-    record = {"faces": len(faces), "float_mae": float_mae, "int8_mae": int8_mae}
+    record = {**record, "float_mae": float_mae, "int8_mae": int8_mae}
     return graph, ages, {**record, "kept": keeps_accuracy(float_mae, int8_mae)}
 
 
@@ -309,4 +318,5 @@ def describe_int8(record: dict[str, Any] | None) -> str:
     if record is None:
         return ""
     kept = "kept" if record["kept"] else "not kept (over the tolerance: scoring stays in float)"
-    return f"; int8 graph {kept}, MAE {record['int8_mae']:.3f} against float's {record['float_mae']:.3f}"
+    line = f"; int8 graph {kept}, MAE {record['int8_mae']:.3f} against float's {record['float_mae']:.3f}"
+    return line + (f" ({record['unshifted_mae']:.3f} before its age shift)" if INT8_AGE_SHIFT in record else "")

@@ -33,6 +33,9 @@ CHECKPOINT_FORMAT = "agepipe-checkpoint-v1"
 # A checkpoint's int8 ONNX graph for the CPU, where `agepipe calibrate` made one: its bytes as a uint8 tensor
 # (pickled bytes would take half as much again).
 INT8_GRAPH = "int8_graph"
+# In the checkpoint's "int8" record: the curve (`knot_ages`, `shifts`) that moves the int8 graph's ages onto the
+# float network's, for a regression head.
+INT8_AGE_SHIFT = "age_shift"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The checkpoints that ship with the package, by the name that `--model` (and `--initial-checkpoint`,
 # `--teacher`) take in place of a path; their card is weights/MODEL_CARD.md.

@@ -37,6 +37,7 @@ from agepipe.faces import arrow_fields, check_crop_names, crop_images
 from agepipe.images import SourceImage
 from agepipe.labels import GENDERS
 from agepipe.model import (
+    INT8_AGE_SHIFT,
     INT8_GRAPH,
     AgeNetwork,
     ModelConfig,
@@ -126,7 +127,11 @@ class OnnxRuntime:
 
 class Int8Runtime(OnnxRuntime):
     """The int8 graph that `agepipe calibrate` recorded in the checkpoint (agepipe/quantize.py), on
-    onnxruntime: about twice the float graph's faces per CPU second."""
+    onnxruntime: about twice the float graph's faces per CPU second.
+
+    A regression head's age then moves by the graph's recorded age shift, where calibrate fitted one: int8
+    pulls ages towards the middle (the old younger, the young older), and the shift maps them back onto the
+    float network's."""
 
     def __init__(self, network: Callable[[], AgeNetwork], device: torch.device, checkpoint: dict[str, Any]) -> None:
         if INT8_GRAPH not in checkpoint:
@@ -134,7 +139,19 @@ class Int8Runtime(OnnxRuntime):
                 "this checkpoint has no int8 graph: `agepipe calibrate --model MODEL --data FACES` makes one"
             )
         self.onnx = checkpoint[INT8_GRAPH].numpy().tobytes()
+        self.age_shift: dict[str, list[float]] | None = (checkpoint.get("int8") or {}).get(INT8_AGE_SHIFT)
         self._session = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "age_shift": self.age_shift}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = super().__call__(images)
+        if self.age_shift is not None:
+            ages = outputs["age"]
+            shift = np.interp(ages.numpy(), self.age_shift["knot_ages"], self.age_shift["shifts"])
+            outputs["age"] = ages + torch.from_numpy(shift).to(ages.dtype)
+        return outputs
 
 
 def float_graph(model: AgeNetwork) -> bytes:

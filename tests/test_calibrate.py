@@ -16,12 +16,20 @@ from agepipe.calibrate import (
     Calibration,
     calibrate_checkpoint,
     conformal_quantile,
+    describe_int8,
     fit_calibration,
     held_out_faces,
 )
 from agepipe.metrics import interval_stats, interval_summary
-from agepipe.model import INT8_GRAPH, export_for_sharing, load_checkpoint, read_checkpoint, save_checkpoint
-from agepipe.predict import Predictor, prediction_columns, prediction_json
+from agepipe.model import (
+    INT8_AGE_SHIFT,
+    INT8_GRAPH,
+    export_for_sharing,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from agepipe.predict import RUNTIMES, Predictor, prediction_columns, prediction_json
 from agepipe.quantize import INT8_TOLERANCE, float_nodes, keeps_accuracy
 
 
@@ -205,6 +213,24 @@ def test_calibrate_records_an_int8_graph_that_cpu_scoring_uses_within_its_tolera
     # Close to float face by face (a broken graph is years off on every face), and not the float graph itself.
     differences = np.abs(int8_ages - float_ages)
     assert 0 < differences.mean() < 1.0 and np.median(differences) < 1.0
+    # The age shift travels with the actor's copy, moves each age by the recorded curve, and brings the int8
+    # ages nearer the float graph's where it was fitted (these faces are among the 240).
+    shift = record[INT8_AGE_SHIFT]
+    assert default.runtime.age_shift == shift and np.all(np.diff(shift["knot_ages"]) > 0)
+    assert "before its age shift" in describe_int8(record)
+    images = default.transform(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+    unshifted = RUNTIMES.create("int8", None, default.device, {INT8_GRAPH: checkpoint[INT8_GRAPH]})(images)["age"]
+    shifted = default.runtime(images)["age"]
+    moved = np.interp(unshifted.numpy(), shift["knot_ages"], shift["shifts"])
+    assert np.abs(moved).max() > 0
+    assert torch.allclose(shifted, unshifted + torch.from_numpy(moved).float(), atol=1e-5)
+
+    def systematic(ages: np.ndarray) -> float:
+        """The mean over age bins of |mean(int8 - float)|: int8's pull towards the middle."""
+        bins = np.array_split(np.argsort(float_ages), 4)
+        return float(np.mean([abs((ages[b] - float_ages[b]).mean()) for b in bins]))
+
+    assert systematic(int8_ages) < systematic(np.clip(unshifted.numpy().ravel(), 0, 100))
     with pytest.raises(ValueError, match="no int8 graph: `agepipe calibrate"):
         Predictor(bare, runtime="int8")
     assert keeps_accuracy(5.0, 5.0 + INT8_TOLERANCE) and not keeps_accuracy(5.0, 5.0 + 2 * INT8_TOLERANCE)
