@@ -24,7 +24,7 @@ import yaml
 from agepipe.calibrate import network_records
 from agepipe.config import CardSettings, EvaluateSettings, LabelSettings, ScoreSettings, TrainSettings
 from agepipe.evaluate import run_evaluate
-from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, model_location, read_checkpoint
+from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, INT8_GRAPH, model_location, read_checkpoint
 from agepipe.result_tables import markdown_table
 from agepipe.shared_data import UTKFACE, linked_folder
 from agepipe.wild import BUNDLED_SPLIT, evaluate_wild, held_out_faces, interval_rows, scored
@@ -56,12 +56,19 @@ def network_summary(checkpoint: dict) -> list[dict]:
     return [{"best_val_mae": n.get("val_mae"), "best_epoch": n.get("epoch")} for n in network_records(checkpoint)]
 
 
+def int8_summary(checkpoint: dict) -> dict | None:
+    """The record of the int8 graph that scoring on a CPU runs (its errors, its age shift), None where it
+    runs float: calibrating the same networks again changes every metric."""
+    return checkpoint.get("int8") if INT8_GRAPH in checkpoint else None
+
+
 def records_checkpoint(metrics: dict, checkpoint: dict) -> bool:
-    """Whether stored metrics are this checkpoint's: the same networks, and intervals where it is calibrated."""
+    """Whether stored metrics are this checkpoint's: the same networks and int8 graph, and intervals where it
+    is calibrated."""
     recorded = [(n.get("best_val_mae"), n.get("best_epoch")) for n in metrics.get("networks", [])]
     own = [(n["best_val_mae"], n["best_epoch"]) for n in network_summary(checkpoint)]
     calibrated = not checkpoint.get("calibration") or bool((metrics.get("intervals") or {}).get("photos"))
-    return recorded == own and calibrated
+    return recorded == own and metrics.get("int8") == int8_summary(checkpoint) and calibrated
 
 
 def stored_metrics(location: str, checkpoint: dict, folders: list[Path], wild_photos: int) -> tuple[dict, Path] | None:
@@ -115,6 +122,7 @@ def measure(settings: CardSettings, location: str, checkpoint: dict, scratch: Pa
         "wild": wild.rows,
         "intervals": wild.intervals,
         "networks": network_summary(checkpoint),
+        "int8": int8_summary(checkpoint),
         "split": split.name,
         "wild_photos": settings.wild_photos,
         "faces_sample": settings.faces,

@@ -11,7 +11,7 @@ import pandas as pd
 
 from agepipe.card import CARD_FILE, bundled_names, metrics_file_name, records_checkpoint, stored_metrics, write_card
 from agepipe.config import PROJECT_ROOT, CardSettings
-from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, WEIGHTS, read_checkpoint
+from agepipe.model import BUNDLED_MODELS, DEFAULT_MODEL, INT8_GRAPH, WEIGHTS, read_checkpoint
 from agepipe.wild import BUNDLED_SPLIT
 
 # The Model Cards sections (Mitchell et al.), as the card heads them.
@@ -84,6 +84,12 @@ def test_stored_metrics_record_only_their_own_checkpoint() -> None:
     for name, path in BUNDLED_MODELS.items():
         metrics = json.loads(path.with_name(f"{path.stem}_metrics.json").read_text())
         assert records_checkpoint(metrics, fast) == (path == BUNDLED_MODELS["fast"]), name
+    # The same network calibrated again (another int8 graph or age shift), or scoring in float, is not the
+    # checkpoint its metrics measured.
+    metrics = json.loads(BUNDLED_MODELS["fast"].with_name("fast_metrics.json").read_text())
+    recalibrated = {**fast, "int8": {**fast["int8"], "age_shift": {"knot_ages": [30.0], "shifts": [0.0]}}}
+    assert not records_checkpoint(metrics, recalibrated)
+    assert not records_checkpoint(metrics, {key: value for key, value in fast.items() if key != INT8_GRAPH})
 
 
 def test_the_shipped_card_and_the_docs_card_are_what_agepipe_card_writes_for_the_default_model(tmp_path) -> None:
