@@ -260,8 +260,8 @@ def int8_graph(
         quantized.runtime = RUNTIMES.create("int8", None, predictor.device, shifted)
         ages = predicted_ages(quantized, images, faces)
     float_mae, int8_mae = (float(np.abs(predicted - labels).mean()) for predicted in (float_ages, ages))
-    record = {**record, "float_mae": float_mae, "int8_mae": int8_mae}
-    return graph, ages, {**record, "kept": keeps_accuracy(float_mae, int8_mae)}
+    record.update(float_mae=float_mae, int8_mae=int8_mae, kept=keeps_accuracy(float_mae, int8_mae))
+    return graph, ages, record
 
 
 def calibrate_checkpoint(

@@ -13,6 +13,7 @@ age group int8 predicts otherwise than float, and the age-group accuracy of each
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ import pandas as pd
 from intervals import split_crops
 
 from agepipe.metrics import ordered_groups
-from agepipe.model import DEFAULT_MODEL, INT8_GRAPH, model_location, read_checkpoint
-from agepipe.predict import RUNTIMES, Predictor
+from agepipe.model import DEFAULT_MODEL
+from agepipe.predict import Predictor
 from agepipe.result_tables import write_results
 
 GROUP_COLUMNS = {"age group": "label_age_group", "gender": "label_gender", "race": "label_race"}
@@ -48,11 +49,11 @@ def main() -> None:
     parser.add_argument("--results", default="int8-by-group", help="results file name under benchmarks/results")
     args = parser.parse_args()
     faces, crops = split_crops(args.faces, args.split, "test")
-    checkpoint = read_checkpoint(model_location(args.model))
     float_graph = Predictor(args.model, {"detector": "none"}, runtime="onnx")
     shifted = Predictor(args.model, {"detector": "none"}, runtime="int8")
-    unshifted = Predictor(args.model, {"detector": "none"}, runtime="int8")
-    unshifted.runtime = RUNTIMES.create("int8", None, unshifted.device, {INT8_GRAPH: checkpoint[INT8_GRAPH]})
+    unshifted = copy.copy(shifted)
+    unshifted.runtime = copy.copy(shifted.runtime)
+    unshifted.runtime.age_shift = None
     variants = {"float": float_graph, "int8 without its age shift": unshifted, "int8 as scoring runs it": shifted}
     results = {name: scored(predictor, crops) for name, predictor in variants.items()}
     errors = {name: (frame["age"] - faces["label_age"]).abs().to_numpy() for name, frame in results.items()}
@@ -70,8 +71,8 @@ def main() -> None:
             low, high = paired_interval(differences, args.boot, rng)
             row[f"{name}: MAE - float"] = f"{differences.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
         rows.append(row)
-    accuracy = {name: (frame["age_group"] == faces["label_age_group"]).mean() for name, frame in results.items()}
     right = {name: (frame["age_group"] == faces["label_age_group"]).to_numpy(float) for name, frame in results.items()}
+    accuracy = {name: values.mean() for name, values in right.items()}
     low, high = paired_interval(right["int8 as scoring runs it"] - right["float"], args.boot, rng)
     changed = {
         name: (results[name]["age_group"] != results["float"]["age_group"]).mean() for name in list(variants)[1:]
